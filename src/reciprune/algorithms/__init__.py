@@ -1,0 +1,27 @@
+"""Pure tensor algorithms for pruning: no hooks, no I/O, no logging."""
+
+from reciprune.algorithms.magnitude import cubic_sparsity, magnitude_prune
+from reciprune.algorithms.masks import (
+    mask_sparsity,
+    nm_keep_mask,
+    parse_mask_structure,
+    row_keep_mask,
+    satisfies_nm,
+    tensor_keep_mask,
+)
+from reciprune.algorithms.sparsegpt import sparsegpt_prune
+from reciprune.algorithms.wanda import wanda_prune, wanda_scores
+
+__all__ = [
+    "cubic_sparsity",
+    "magnitude_prune",
+    "mask_sparsity",
+    "nm_keep_mask",
+    "parse_mask_structure",
+    "row_keep_mask",
+    "satisfies_nm",
+    "sparsegpt_prune",
+    "tensor_keep_mask",
+    "wanda_prune",
+    "wanda_scores",
+]

@@ -1,0 +1,40 @@
+"""Finding a model's decoder layers from the model itself (no tracing)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from reciprune.errors import ReciPruneError
+
+
+def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The ModuleList holding the decoder layers, and its name in the model.
+
+    Uses `_no_split_modules` (the class names transformers itself keeps whole when sharding), and
+    falls back to the longest ModuleList of identical blocks.
+    """
+    block_classes = set(getattr(model, "_no_split_modules", None) or [])
+    candidates: list[tuple[str, nn.ModuleList]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) > 0:
+            kinds = {type(child).__name__ for child in module}
+            if len(kinds) == 1:
+                candidates.append((name, module))
+    preferred = [c for c in candidates if type(c[1][0]).__name__ in block_classes]
+    pool = preferred or candidates
+    if not pool:
+        raise ReciPruneError(
+            f"could not find the decoder layers of {type(model).__name__}: no ModuleList of "
+            "identical blocks. reciprune supports decoder-only transformers models "
+            "(Llama, Qwen2/3, Mistral, GPT-2, OPT and similar)."
+        )
+    return max(pool, key=lambda c: len(c[1]))
+
+
+def layer_index_of(module_name: str, layers_name: str) -> int | None:
+    """The decoder-layer index in a full module name, e.g. 'model.layers.3.mlp' → 3."""
+    prefix = layers_name + "."
+    if not module_name.startswith(prefix):
+        return None
+    head = module_name[len(prefix):].split(".", 1)[0]
+    return int(head) if head.isdigit() else None

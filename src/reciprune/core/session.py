@@ -1,0 +1,135 @@
+"""The lifecycle session: owns the model, the modifiers, their hooks and the event stream."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from reciprune.core.events import Event, EventType
+from reciprune.core.statistics import InputStatistics
+
+if TYPE_CHECKING:
+    from reciprune.modifiers.base import Modifier
+
+_ALWAYS_DISPATCHED = {EventType.INITIALIZE, EventType.FINALIZE}
+
+
+class LifecycleSession:
+    """Applies a stage's modifiers to a model through events and hooks.
+
+    Pipelines create one session per stage, call `initialize`, emit events with `event`, and
+    call `finalize`, which removes every hook any modifier registered through the session.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        modifiers: Sequence[Modifier],
+        *,
+        teacher: nn.Module | None = None,
+        total_steps: int | None = None,
+        run_type: str = "oneshot",
+    ) -> None:
+        self.model = model
+        self.modifiers = list(modifiers)
+        self.teacher = teacher
+        self.total_steps = total_steps
+        self.run_type = run_type
+        self.global_step = 0
+        self.statistics = InputStatistics()
+        #: Per-module results modifiers report (sparsity, errors); they go into the manifest.
+        self.records: dict[str, dict[str, Any]] = defaultdict(dict)
+        self._hooks: dict[int, list[torch.utils.hooks.RemovableHandle]] = defaultdict(list)
+        self._initialized = False
+        self._finalized = False
+
+    # lifecycle -------------------------------------------------------------------------------
+    def initialize(self) -> None:
+        if self._initialized:
+            raise RuntimeError("session already initialized")
+        for modifier in self.modifiers:
+            modifier.on_initialize(self)
+        self._initialized = True
+        self.event(EventType.INITIALIZE)
+
+    def event(self, event_type: EventType, **fields: Any) -> Event:
+        """Dispatch one event to the modifiers active at the current global step, in recipe order."""
+        if not self._initialized or self._finalized:
+            raise RuntimeError(f"event {event_type.value} outside an initialized, unfinalized session")
+        event = Event(
+            type=event_type, global_step=self.global_step, total_steps=self.total_steps, **fields
+        )
+        if event_type == EventType.LAYER_CALIBRATED:
+            self.statistics.detach()
+        for modifier in self.modifiers:
+            if event_type in _ALWAYS_DISPATCHED or modifier.is_active(
+                self.global_step, self.total_steps
+            ):
+                modifier.on_event(self, event)
+        if event_type == EventType.LAYER_START and event.layer is not None:
+            self.statistics.attach(event.layer)
+        elif event_type == EventType.LAYER_CALIBRATED:
+            self.statistics.clear()
+        return event
+
+    def finalize(self) -> None:
+        """FINALIZE event, each modifier's `on_finalize`, then every session hook removed."""
+        if self._finalized:
+            return
+        self.event(EventType.FINALIZE)
+        for modifier in self.modifiers:
+            modifier.on_finalize(self)
+        self.remove_hooks()
+        self.statistics.clear()
+        self._finalized = True
+
+    def abort(self) -> None:
+        """Remove every hook without further events: the run failed and is being unwound."""
+        self.remove_hooks()
+        self.statistics.clear()
+        self._finalized = True
+
+    # hooks -----------------------------------------------------------------------------------
+    def register_hook(
+        self,
+        owner: object,
+        module: nn.Module,
+        fn: Callable[..., Any],
+        *,
+        kind: str = "forward",
+        with_kwargs: bool = False,
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Register a `forward`, `forward_pre` or `full_backward` hook owned by `owner`."""
+        if kind == "forward":
+            handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+        elif kind == "forward_pre":
+            handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
+        elif kind == "full_backward":
+            handle = module.register_full_backward_hook(fn)
+        else:
+            raise ValueError(f"unknown hook kind {kind!r}")
+        self._hooks[id(owner)].append(handle)
+        return handle
+
+    def register_tensor_hook(
+        self, owner: object, tensor: torch.Tensor, fn: Callable[[torch.Tensor], Any]
+    ) -> torch.utils.hooks.RemovableHandle:
+        """Register a gradient hook on a tensor (a parameter), removed at finalize."""
+        handle = tensor.register_hook(fn)
+        self._hooks[id(owner)].append(handle)
+        return handle
+
+    def remove_hooks(self, owner: object | None = None) -> None:
+        """Remove the hooks of one owner, or all of them."""
+        keys = list(self._hooks) if owner is None else [id(owner)]
+        for key in keys:
+            for handle in self._hooks.pop(key, []):
+                handle.remove()
+
+    @property
+    def num_hooks(self) -> int:
+        return sum(len(h) for h in self._hooks.values())

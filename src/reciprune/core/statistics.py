@@ -1,0 +1,137 @@
+"""Calibration statistics of module inputs, shared by modules that read the same tensor.
+
+q/k/v projections (and gate/up) read one tensor: their XᵀX is accumulated once and shared,
+which is most of the calibration cost saved over computing one Hessian per module.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class _InputGroup:
+    """Running sums for every module that reads one input tensor."""
+
+    members: list[nn.Module] = field(default_factory=list)
+    want_hessian: bool = False
+    xtx: torch.Tensor | None = None  # Σ xᵀx over tokens, fp32
+    sq_norm: torch.Tensor | None = None  # Σ x_j² over tokens, fp32
+    num_tokens: int = 0
+    num_sequences: int = 0
+    last_batch: int = -1
+
+
+class InputStatistics:
+    """Accumulates, per tracked module, Σ xᵀx (a Hessian) and/or Σ x² (column norms).
+
+    Modifiers call `track` at LAYER_START; the session attaches hooks, the pipeline forwards the
+    calibration batches, and at LAYER_CALIBRATED modifiers read `hessian` / `sq_norm`.
+    """
+
+    def __init__(self) -> None:
+        self._requests: dict[nn.Module, bool] = {}
+        self._group_of: dict[nn.Module, _InputGroup] = {}
+        self._groups: list[_InputGroup] = []
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+        self._batch = 0
+        self._pending_keys: dict[tuple, tuple[weakref.ref, _InputGroup]] = {}
+
+    def track(self, module: nn.Module, *, hessian: bool) -> None:
+        """Ask for statistics of `module`'s input; `hessian=True` for the full XᵀX."""
+        self._requests[module] = self._requests.get(module, False) or hessian
+
+    @property
+    def tracking(self) -> bool:
+        return bool(self._requests)
+
+    def attach(self, layer: nn.Module) -> None:
+        """Register the hooks: one on `layer` to count batches, one per tracked module."""
+        if not self._requests:
+            return
+        self._handles.append(layer.register_forward_pre_hook(self._next_batch))
+        for module in self._requests:
+            self._handles.append(module.register_forward_pre_hook(self._accumulate))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.detach()
+        self._requests.clear()
+        self._group_of.clear()
+        self._groups.clear()
+        self._pending_keys.clear()
+
+    def _next_batch(self, _module: nn.Module, _args: tuple) -> None:
+        self._batch += 1
+        self._pending_keys.clear()
+
+    @torch.no_grad()
+    def _accumulate(self, module: nn.Module, args: tuple) -> None:
+        x = args[0]
+        group = self._group_of.get(module)
+        if group is None:
+            # First sight: modules fed the very same tensor in this batch join one group.
+            # A live weak reference proves identity; a bare address could be a reused allocation.
+            key = (x.data_ptr(), tuple(x.shape))
+            seen = self._pending_keys.get(key)
+            if seen is not None and seen[0]() is x:
+                group = seen[1]
+            else:
+                group = _InputGroup()
+                self._groups.append(group)
+                self._pending_keys[key] = (weakref.ref(x), group)
+            group.members.append(module)
+            group.want_hessian = group.want_hessian or self._requests[module]
+            self._group_of[module] = group
+        if group.last_batch == self._batch:
+            return
+        group.last_batch = self._batch
+        flat = x.reshape(-1, x.shape[-1]).float()
+        if group.want_hessian:
+            if group.xtx is None:
+                group.xtx = torch.zeros(flat.shape[1], flat.shape[1], dtype=torch.float32, device=x.device)
+            group.xtx.addmm_(flat.t(), flat)
+        else:
+            if group.sq_norm is None:
+                group.sq_norm = torch.zeros(flat.shape[1], dtype=torch.float32, device=x.device)
+            group.sq_norm.add_(flat.square().sum(0))
+        group.num_tokens += flat.shape[0]
+        group.num_sequences += x.shape[0] if x.dim() > 2 else 1
+
+    def _group(self, module: nn.Module) -> _InputGroup:
+        try:
+            return self._group_of[module]
+        except KeyError:
+            raise RuntimeError(
+                "no calibration statistics for this module: it was not tracked at LAYER_START "
+                "or the calibration forward never reached it"
+            ) from None
+
+    def hessian(self, module: nn.Module) -> torch.Tensor:
+        """H = 2/n Σ xᵀx over the n calibration sequences (SparseGPT's scaling), fp32."""
+        group = self._group(module)
+        if group.xtx is None:
+            raise RuntimeError("Hessian requested for a module tracked with hessian=False")
+        return group.xtx * (2.0 / max(group.num_sequences, 1))
+
+    def sq_norm(self, module: nn.Module) -> torch.Tensor:
+        """‖X_j‖₂² per input column over all calibration tokens, fp32."""
+        group = self._group(module)
+        if group.sq_norm is not None:
+            return group.sq_norm
+        return torch.diagonal(group.xtx).clone()
+
+    def num_tokens(self, module: nn.Module) -> int:
+        return self._group(module).num_tokens
+
+    def sharing(self) -> list[list[nn.Module]]:
+        """The groups of modules found to share one input (for reports and tests)."""
+        return [list(g.members) for g in self._groups]

@@ -1,0 +1,23 @@
+"""Modifiers: one module each, registered by name for recipes."""
+
+from reciprune.modifiers.base import Modifier
+from reciprune.modifiers.constant import ConstantPruningModifier
+from reciprune.modifiers.magnitude import MagnitudePruningModifier
+from reciprune.modifiers.registry import (
+    available_modifiers,
+    get_modifier_class,
+    register_modifier,
+)
+from reciprune.modifiers.sparsegpt import SparseGPTModifier
+from reciprune.modifiers.wanda import WandaModifier
+
+__all__ = [
+    "ConstantPruningModifier",
+    "MagnitudePruningModifier",
+    "Modifier",
+    "SparseGPTModifier",
+    "WandaModifier",
+    "available_modifiers",
+    "get_modifier_class",
+    "register_modifier",
+]

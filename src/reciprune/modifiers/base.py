@@ -1,0 +1,86 @@
+"""The one shape every modifier has: pydantic fields, then lifecycle callbacks."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+if TYPE_CHECKING:
+    from reciprune.core.events import Event
+    from reciprune.core.session import LifecycleSession
+
+
+class Modifier(BaseModel):
+    """Base class. Subclasses declare fields with defaults and descriptions and override the hooks.
+
+    A modifier knows nothing of pipelines: it reacts to events and registers hooks through the
+    session, and calls one pure function in `reciprune.algorithms` for the math.
+    """
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    start: float | None = Field(
+        None,
+        description="First global step (or fraction of training when < 1) at which the modifier "
+        "acts; unset means from the beginning.",
+    )
+    end: float | None = Field(
+        None,
+        description="Step (or fraction of training when < 1) from which the modifier stops acting; "
+        "unset or -1 means until the end.",
+    )
+
+    #: Whether the modifier needs calibration data (oneshot statistics).
+    needs_calibration: ClassVar[bool] = False
+    #: Stage kinds (`oneshot`, `finetune`) the modifier can run in.
+    run_types: ClassVar[tuple[str, ...]] = ("oneshot",)
+    #: The paper the modifier implements, for reference pages.
+    paper: ClassVar[str] = ""
+    #: Legacy SparseML field names: old name → new name, or None when accepted and ignored.
+    legacy_fields: ClassVar[dict[str, str | None]] = {}
+
+    @model_validator(mode="before")
+    @classmethod
+    def _map_legacy_fields(cls, data: Any) -> Any:
+        """Rename SparseML field names to ours (or drop the ones that mean nothing here)."""
+        if not isinstance(data, dict) or not cls.legacy_fields:
+            return data
+        data = dict(data)
+        for old, new in cls.legacy_fields.items():
+            if old in data:
+                value = data.pop(old)
+                if new is not None and new not in data:
+                    data[new] = value
+        return data
+
+    def _resolve_step(self, value: float, total_steps: int | None) -> float:
+        if 0 < value < 1 and total_steps:
+            return value * total_steps
+        return value
+
+    def is_active(self, global_step: int, total_steps: int | None = None) -> bool:
+        """True when `start <= global_step < end` (bounds resolved against `total_steps`)."""
+        if self.start is not None and global_step < self._resolve_step(self.start, total_steps):
+            return False
+        if self.end is not None and self.end != -1:
+            return global_step < self._resolve_step(self.end, total_steps)
+        return True
+
+    def on_initialize(self, session: LifecycleSession) -> None:
+        """Called once, before any event: resolve targets, build state."""
+
+    def on_event(self, session: LifecycleSession, event: Event) -> None:
+        """Called for every event while the modifier is active."""
+
+    def on_finalize(self, session: LifecycleSession) -> None:
+        """Called once at the end; session hooks are removed right after."""
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+    @classmethod
+    def summary(cls) -> str:
+        """First line of the class docstring."""
+        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""

@@ -1,0 +1,234 @@
+"""Fields and wiring shared by the modifiers that prune weight matrices."""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from reciprune.algorithms.masks import parse_mask_structure
+from reciprune.core.events import Event, EventType
+from reciprune.core.layers import find_decoder_layers
+from reciprune.core.targets import resolve_targets, validate_target_syntax
+from reciprune.errors import RecipeError
+from reciprune.modifiers.base import Modifier
+
+if TYPE_CHECKING:
+    from reciprune.core.session import LifecycleSession
+
+SparsitySpec = float | list[float] | dict[str, float]
+
+
+class TargetedModifier(Modifier):
+    """Base for modifiers that act on Linear modules inside the decoder layers."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear"],
+        description="Modules to act on inside the decoder layers: class names ('Linear' also "
+        "matches GPT-2's Conv1D), module names, or 're:' regexes. A container (e.g. "
+        "'re:model.layers.\\d+$') selects every Linear inside it.",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="Modules to leave dense, in the same syntax as targets.",
+    )
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _check_patterns(cls, value: list[str]) -> list[str]:
+        try:
+            validate_target_syntax(value)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def on_initialize(self, session: LifecycleSession) -> None:
+        layers_name, layers = find_decoder_layers(session.model)
+        self._layers_name = layers_name
+        self._num_layers = len(layers)
+        self._targets: dict[int, dict[str, nn.Module]] = {}
+        for index, layer in enumerate(layers):
+            found = resolve_targets(layer, self.targets, self.ignore, prefix=f"{layers_name}.{index}")
+            if found:
+                self._targets[index] = found
+        if not self._targets:
+            raise RecipeError(
+                f"{self.type_name()}: targets {self.targets} (ignore {self.ignore}) select no "
+                f"Linear module inside the decoder layers '{layers_name}'. Use 'Linear', module "
+                "names like 'model.layers.0.mlp.down_proj', or 're:' regexes."
+            )
+
+    def targeted_modules(self) -> dict[str, nn.Module]:
+        """Every module this modifier acts on, by full name (after `on_initialize`)."""
+        return {name: m for found in self._targets.values() for name, m in found.items()}
+
+
+class PruningModifier(TargetedModifier):
+    """Base for layer-wise pruning modifiers: targets, sparsity, N:M, and the calibration wiring.
+
+    Subclasses set `needs_hessian` / `needs_calibration` and implement `prune_module`.
+    """
+
+    sparsity: SparsitySpec = Field(
+        0.5,
+        description="Fraction of weights to prune: one float, a list with one value per decoder "
+        "layer, or a mapping from layer index / 're:' module regex (and 'default') to a float.",
+    )
+    mask_structure: str = Field(
+        "unstructured",
+        description="'unstructured', or 'N:M' for at most N non-zeros in every M consecutive "
+        "input weights (e.g. '2:4'); N:M implies sparsity 1 - N/M.",
+    )
+    sparsity_profile: str | None = Field(
+        None,
+        description="Layer-wise sparsity profile. 'owl' (outlier-weighted layer-wise sparsity) "
+        "is not supported yet; leave unset for a uniform profile.",
+    )
+    owl_m: float = Field(5.0, description="OWL outlier threshold M (scores above M x mean).")
+    owl_lmbda: float = Field(0.08, description="OWL sparsity spread λ around the target.")
+
+    needs_calibration: ClassVar[bool] = True
+    needs_hessian: ClassVar[bool] = False
+    run_types: ClassVar[tuple[str, ...]] = ("oneshot",)
+    legacy_fields: ClassVar[dict[str, str | None]] = {
+        "sequential_update": None,
+        "quantize": None,
+        "final_sparsity": "sparsity",
+    }
+
+    # validation ------------------------------------------------------------------------------
+    @model_validator(mode="before")
+    @classmethod
+    def _reject_quantize(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("quantize") not in (None, False):
+            raise ValueError(
+                "'quantize: true' asked SparseML's SparseGPT to quantize while pruning; reciprune "
+                "does that with a separate QuantizationModifier after the pruning modifier in the "
+                "same stage. Set 'quantize: false' or remove the field."
+            )
+        return data
+
+    @field_validator("sparsity", mode="before")
+    @classmethod
+    def _layer_keys_as_strings(cls, value: Any) -> Any:
+        # YAML reads `{0: 0.3}` with integer keys; layer indices are stored as strings.
+        return {str(k): v for k, v in value.items()} if isinstance(value, dict) else value
+
+    @field_validator("sparsity")
+    @classmethod
+    def _check_sparsity(cls, value: SparsitySpec) -> SparsitySpec:
+        if isinstance(value, dict):
+            values = list(value.values())
+        else:
+            values = value if isinstance(value, list) else [value]
+        for s in values:
+            if not 0.0 <= float(s) < 1.0:
+                raise ValueError(f"sparsity {s} is outside [0, 1): 0.5 prunes half the weights")
+        if isinstance(value, dict):
+            for key in value:
+                if key != "default" and not str(key).isdigit() and not str(key).startswith("re:"):
+                    raise ValueError(
+                        f"sparsity key {key!r} must be a decoder-layer index, a 're:' module "
+                        "regex, or 'default'"
+                    )
+                if str(key).startswith("re:"):
+                    validate_target_syntax([str(key)])
+        return value
+
+    @field_validator("mask_structure")
+    @classmethod
+    def _check_structure(cls, value: str) -> str:
+        parse_mask_structure(value)
+        return value
+
+    @field_validator("sparsity_profile")
+    @classmethod
+    def _check_profile(cls, value: str | None) -> str | None:
+        if value is None or value.lower() in ("uniform", "none"):
+            return None
+        if value.lower() == "owl":
+            raise ValueError(
+                "sparsity_profile 'OWL' (outlier-weighted layer-wise sparsity) is not yet "
+                "supported in this release; remove sparsity_profile (and owl_m, owl_lmbda) to "
+                "prune every layer at the same sparsity."
+            )
+        raise ValueError(f"unknown sparsity_profile {value!r}; leave it unset for uniform sparsity")
+
+    @model_validator(mode="after")
+    def _check_nm_sparsity(self) -> PruningModifier:
+        n, m = parse_mask_structure(self.mask_structure)
+        if m and isinstance(self.sparsity, float | int) and "sparsity" in self.model_fields_set:
+            if abs(float(self.sparsity) - (1 - n / m)) > 1e-9:
+                raise ValueError(
+                    f"mask_structure '{self.mask_structure}' keeps {n} of every {m} weights "
+                    f"(sparsity {1 - n / m:g}) but sparsity is {self.sparsity}; remove sparsity "
+                    "or make them agree"
+                )
+        return self
+
+    # wiring ----------------------------------------------------------------------------------
+    def on_initialize(self, session: LifecycleSession) -> None:
+        super().on_initialize(session)
+        first = min(self._targets)
+        self.sparsity_for(first, next(iter(self._targets[first])))  # a bad mapping fails now
+
+    def sparsity_for(self, layer_index: int, module_name: str) -> float:
+        """The target sparsity of one module, from the float / list / mapping form."""
+        n, m = parse_mask_structure(self.mask_structure)
+        if m:
+            return 1 - n / m
+        spec = self.sparsity
+        if isinstance(spec, list):
+            if len(spec) != self._num_layers:
+                raise RecipeError(
+                    f"{self.type_name()}.sparsity lists {len(spec)} values but the model has "
+                    f"{self._num_layers} decoder layers; give one value per layer"
+                )
+            return float(spec[layer_index])
+        if isinstance(spec, dict):
+            for key, value in spec.items():
+                if str(key) == str(layer_index) or (
+                    str(key).startswith("re:") and re.match(str(key)[3:], module_name)
+                ):
+                    return float(value)
+            if "default" in spec:
+                return float(spec["default"])
+            raise RecipeError(
+                f"{self.type_name()}.sparsity has no entry for {module_name} (layer "
+                f"{layer_index}); add a 'default' key"
+            )
+        return float(spec)
+
+    def on_event(self, session: LifecycleSession, event: Event) -> None:
+        if event.layer_index is None or event.layer_index not in self._targets:
+            return
+        modules = self._targets[event.layer_index]
+        if event.type == EventType.LAYER_START and self.needs_calibration:
+            for module in modules.values():
+                session.statistics.track(module, hessian=self.needs_hessian)
+        elif event.type == EventType.LAYER_CALIBRATED:
+            n, m = parse_mask_structure(self.mask_structure)
+            for name, module in modules.items():
+                sparsity = self.sparsity_for(event.layer_index, name)
+                with torch.no_grad():
+                    keep = self.prune_module(session, module, sparsity, n, m)
+                session.records[name].update(
+                    method=self.type_name(),
+                    target_sparsity=sparsity,
+                    sparsity=1.0 - keep.float().mean().item(),
+                    mask_structure=self.mask_structure,
+                )
+
+    def prune_module(
+        self, session: LifecycleSession, module: nn.Module, sparsity: float, n: int, m: int
+    ) -> torch.Tensor:
+        """Prune one module in place and return its keep mask."""
+        raise NotImplementedError
+

@@ -1,0 +1,1 @@
+"""Runners that drive a lifecycle session: layer-wise oneshot calibration (and training)."""

@@ -1,0 +1,91 @@
+"""Shared fixtures: tiny seeded models and a tiny offline tokenizer.
+
+Fixtures
+- `tiny_llama(**overrides) -> LlamaForCausalLM`: factory fixture. Builds a seeded (seed 0 unless
+  `seed=` is passed) 2-layer Llama in eval mode from `TINY_LLAMA_CONFIG` updated with `overrides`
+  (any `LlamaConfig` field, e.g. `num_hidden_layers=3`, `tie_word_embeddings=True`). Its default
+  `vocab_size` equals `len(tiny_tokenizer)` (`TINY_VOCAB`), so the two can be used together.
+- `tiny_tokenizer`: session-scoped byte-level BPE tokenizer (`TINY_VOCAB` tokens) trained with the
+  `tokenizers` package on embedded BoolQ passages (no network). eos = bos = `<|endoftext|>`,
+  pad = `<pad>`, and a minimal chat template so `apply_chat_template` works.
+  Treat it as read-only: it is shared by every test in the session.
+
+`HF_HUB_OFFLINE=1` is set for the whole test session: nothing may come from the Hub.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+# Set before transformers is imported anywhere, so no test can reach the Hub by accident.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase  # noqa: E402
+
+TINY_VOCAB = 320
+
+TINY_LLAMA_CONFIG: dict[str, Any] = {
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "vocab_size": TINY_VOCAB,
+    "max_position_embeddings": 512,
+    "tie_word_embeddings": False,
+    "bos_token_id": 0,
+    "eos_token_id": 0,
+    "pad_token_id": 1,
+}
+
+_CHAT_TEMPLATE = (
+    "{% for m in messages %}<|endoftext|>{{ m['role'] }}\n{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|endoftext|>assistant\n{% endif %}"
+)
+
+
+@pytest.fixture
+def tiny_llama() -> Callable[..., LlamaForCausalLM]:
+    """Factory: `tiny_llama(seed=0, **config_overrides)` -> seeded tiny LlamaForCausalLM (eval)."""
+
+    def make(seed: int = 0, **overrides: Any) -> LlamaForCausalLM:
+        torch.manual_seed(seed)
+        config = LlamaConfig(**{**TINY_LLAMA_CONFIG, **overrides})
+        return LlamaForCausalLM(config).eval()
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer() -> PreTrainedTokenizerBase:
+    """A byte-level BPE tokenizer of `TINY_VOCAB` tokens trained offline on BoolQ passages."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from reciprune.data.embedded import embedded_calibration_texts
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<|endoftext|>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(embedded_calibration_texts()[:300], trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        bos_token="<|endoftext|>",
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    tokenizer.chat_template = _CHAT_TEMPLATE
+    assert len(tokenizer) == TINY_VOCAB
+    return tokenizer
