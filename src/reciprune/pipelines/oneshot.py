@@ -70,14 +70,34 @@ def capture_layer_inputs(
 
     handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
     try:
+        device = next(model.parameters()).device
         for batch in batches:
             try:
-                model(**batch, use_cache=False)
+                model(**{k: _to(v, device) for k, v in batch.items()}, use_cache=False)
             except _StopForward:
                 pass
     finally:
         handle.remove()
     return captured
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def activation_storage(model: nn.Module, inputs: list[LayerInputs]) -> torch.device:
+    """Where to keep the calibration activations between layers: on the model's accelerator
+    when they (twice: inputs and outputs) fit in half its free memory, else in CPU memory."""
+    device = next(model.parameters()).device
+    if device.type != "cuda" or not inputs:
+        return device
+    needed = 2 * sum(item.hidden.numel() * item.hidden.element_size() for item in inputs)
+    free, _total = torch.cuda.mem_get_info(device)
+    return device if needed < free / 2 else torch.device("cpu")
 
 
 def _layer_output(output: Any) -> torch.Tensor:
@@ -113,6 +133,10 @@ def run_oneshot(
             t0 = time.perf_counter()
             inputs = capture_layer_inputs(model, layers[0], batches or [])
             timings["capture"] = time.perf_counter() - t0
+        device = next(model.parameters()).device
+        storage = activation_storage(model, inputs)
+        for item in inputs:
+            item.hidden = item.hidden.to(storage)
         session.event(EventType.CALIBRATION_START)
         timings.update(calibration_forward=0.0, compress=0.0, propagate=0.0)
         bar = tqdm(
@@ -126,13 +150,14 @@ def run_oneshot(
             if session.statistics.tracking:
                 with torch.no_grad():
                     for item in inputs:
-                        layer(item.hidden, **item.kwargs)
+                        layer(item.hidden.to(device), **item.kwargs)
             t1 = time.perf_counter()
             session.event(EventType.LAYER_CALIBRATED, **fields)
             t2 = time.perf_counter()
             with torch.no_grad():
                 for item in inputs:
-                    item.hidden = _layer_output(layer(item.hidden, **item.kwargs))
+                    output = _layer_output(layer(item.hidden.to(device), **item.kwargs))
+                    item.hidden = output.to(storage)
             t3 = time.perf_counter()
             timings["calibration_forward"] += t1 - t0
             timings["compress"] += t2 - t1

@@ -1,0 +1,302 @@
+"""`reciprune` command line: oneshot compression, evaluation, recipe checks, modifier listing."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from reciprune import __version__
+from reciprune.errors import ReciPruneError
+
+EPILOG = """examples:
+  reciprune oneshot --recipe recipes/quickstart/sparsegpt_50.yaml --output-dir out/sgpt50
+  reciprune recipe check recipes/quickstart/sparsegpt_50.yaml
+  reciprune eval --model out/sgpt50 --ppl
+  reciprune modifiers
+Without --model and --dataset, the embedded SmolLM2-135M-Instruct model and the embedded
+Wikipedia passages (BoolQ) are used, so every command works offline."""
+
+
+def _add_recipe_args(parser: argparse.ArgumentParser, positional: bool = False) -> None:
+    if positional:
+        parser.add_argument("recipe", help="Recipe YAML file (SparseML or explicit form).")
+    else:
+        parser.add_argument(
+            "--recipe", required=True, help="Recipe YAML file (SparseML or explicit form)."
+        )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE.MODIFIER.FIELD=VALUE",
+        help="Override one recipe field, e.g. --set pruning_stage.SparseGPTModifier.sparsity=0.6 "
+        "(the stage may be left out when the recipe has one). Repeatable.",
+    )
+    parser.add_argument(
+        "--stage", default=None, help="Run only this stage of a multi-stage recipe."
+    )
+
+
+def _add_model_args(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument(
+        "--model",
+        required=required,
+        default=None,
+        help="Local Hugging Face folder, .gguf file, or hub id (default: the embedded "
+        "SmolLM2-135M-Instruct).",
+    )
+    parser.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="Allow model code from the model folder / hub to run (off by default).",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; every option carries its help text."""
+    parser = argparse.ArgumentParser(
+        prog="reciprune",
+        description="Declarative recipes for pruning, quantizing and sparse fine-tuning LLMs.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"reciprune {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    oneshot = sub.add_parser(
+        "oneshot",
+        help="Prune/compress a model layer by layer on calibration data and save it.",
+        description="Apply a recipe's oneshot stages layer by layer on calibration data, print "
+        "dense vs compressed perplexity, and save a Hugging Face checkpoint with recipe.yaml and "
+        "reciprune_manifest.json.",
+    )
+    _add_recipe_args(oneshot)
+    _add_model_args(oneshot)
+    oneshot.add_argument(
+        "--dataset",
+        default="embedded",
+        help="Calibration data: 'embedded' (default, packaged Wikipedia passages), a registry "
+        "name (wikitext, c4, gsm8k, open_platypus, ultrachat; needs network or cache), a local "
+        ".txt/.jsonl/.json/.parquet file, or a saved datasets folder.",
+    )
+    oneshot.add_argument("--output-dir", required=True, help="Where to save the checkpoint.")
+    oneshot.add_argument(
+        "--num-calibration-samples", type=int, default=64, help="Calibration sequences (default 64)."
+    )
+    oneshot.add_argument(
+        "--max-seq-length", type=int, default=512, help="Tokens per sequence (default 512)."
+    )
+    oneshot.add_argument(
+        "--calibration-batch-size",
+        type=int,
+        default=8,
+        help="Sequences per calibration forward (default 8): memory vs speed.",
+    )
+    oneshot.add_argument("--seed", type=int, default=42, help="Seed for data sampling (default 42).")
+    oneshot.add_argument(
+        "--eval-ppl",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Measure perplexity on held-out text before and after (default on).",
+    )
+    oneshot.add_argument(
+        "--ppl-file",
+        default=None,
+        help="Held-out text for perplexity (.txt/.jsonl/.json/.parquet); default: embedded "
+        "held-out passages, disjoint from the calibration text.",
+    )
+    oneshot.add_argument(
+        "--ppl-samples",
+        type=int,
+        default=16,
+        help="Windows of --max-seq-length tokens scored for perplexity (default 16).",
+    )
+    oneshot.add_argument(
+        "--overwrite", action="store_true", help="Replace an existing --output-dir."
+    )
+    oneshot.add_argument(
+        "--no-progress", action="store_true", help="Hide progress bars (e.g. in CI logs)."
+    )
+
+    evaluate = sub.add_parser(
+        "eval",
+        help="Evaluate a saved model (perplexity).",
+        description="Evaluate a saved model: perplexity on a text file or the embedded held-out "
+        "passages.",
+    )
+    _add_model_args(evaluate)
+    evaluate.add_argument(
+        "--ppl",
+        nargs="?",
+        const="embedded",
+        default="embedded",
+        metavar="FILE",
+        help="Perplexity on FILE (.txt/.jsonl/.json/.parquet), or on the embedded held-out "
+        "passages when no FILE is given (default).",
+    )
+    evaluate.add_argument(
+        "--max-seq-length", type=int, default=512, help="Window length in tokens (default 512)."
+    )
+    evaluate.add_argument(
+        "--ppl-samples", type=int, default=16, help="Windows scored (default 16)."
+    )
+    evaluate.add_argument("--output", default=None, help="Also write the results to this JSON file.")
+    evaluate.add_argument(
+        "--no-progress", action="store_true", help="Hide progress bars (e.g. in CI logs)."
+    )
+
+    recipe = sub.add_parser("recipe", help="Work with recipes (check).")
+    recipe_sub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION")
+    check = recipe_sub.add_parser(
+        "check",
+        help="Validate a recipe and print its plan.",
+        description="Validate a recipe (no weights are loaded) and print the plan: stages, "
+        "modifiers, the modules each one targets on the model's config, parameters affected.",
+    )
+    _add_recipe_args(check, positional=True)
+    _add_model_args(check)
+    check.add_argument(
+        "--no-model", action="store_true", help="Validate only; do not resolve targets on a model."
+    )
+
+    mods = sub.add_parser(
+        "modifiers",
+        help="List the available modifiers.",
+        description="List every registered modifier (built-in and from the 'reciprune.modifiers' "
+        "entry-point group) with one line each.",
+    )
+    mods.add_argument(
+        "--markdown",
+        default=None,
+        metavar="DIR",
+        help="Write one reference page per modifier into DIR (as in the repo's modifiers/).",
+    )
+    return parser
+
+
+def _load_recipe(args: argparse.Namespace):
+    from reciprune.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    return recipe.select(args.stage) if args.stage else recipe
+
+
+def _cmd_oneshot(args: argparse.Namespace) -> int:
+    from reciprune.pipelines.jobs import OneshotJob, run_oneshot_job
+
+    for flag in ("num_calibration_samples", "max_seq_length", "calibration_batch_size", "ppl_samples"):
+        if getattr(args, flag) <= 0:
+            raise ReciPruneError(f"--{flag.replace('_', '-')} must be a positive integer")
+    recipe = _load_recipe(args)
+    job = OneshotJob(
+        recipe=recipe,
+        output_dir=Path(args.output_dir),
+        model=args.model,
+        dataset=args.dataset,
+        num_calibration_samples=args.num_calibration_samples,
+        max_seq_length=args.max_seq_length,
+        calibration_batch_size=args.calibration_batch_size,
+        seed=args.seed,
+        eval_ppl=args.eval_ppl,
+        ppl_file=args.ppl_file,
+        ppl_samples=args.ppl_samples,
+        overwrite=args.overwrite,
+        trust_remote_code=args.trust_remote_code,
+        progress=not args.no_progress,
+    )
+    result = run_oneshot_job(job)
+    metrics = result["metrics"]
+    print(f"\nsaved to {job.output_dir}")
+    for key in ("ppl_dense", "ppl_compressed", "global_sparsity"):
+        if key in metrics:
+            print(f"  {key:<16} {metrics[key]:.4f}")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from reciprune.data.calibration import load_eval_texts
+    from reciprune.evaluation.perplexity import perplexity
+    from reciprune.models import load_model
+
+    texts = load_eval_texts(None if args.ppl == "embedded" else args.ppl)
+    model, tokenizer, source = load_model(args.model, trust_remote_code=args.trust_remote_code)
+    result = perplexity(
+        model,
+        tokenizer,
+        texts,
+        max_seq_length=args.max_seq_length,
+        max_samples=args.ppl_samples,
+        progress=not args.no_progress,
+    )
+    report = {
+        "model": source.spec,
+        "perplexity": {"text": args.ppl, "ppl": result.ppl, "tokens": result.num_tokens},
+    }
+    print(f"perplexity ({args.ppl}): {result.ppl:.4f} over {result.num_tokens} tokens")
+    if args.output:
+        Path(args.output).write_text(json.dumps(report, indent=2))
+    return 0
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    if args.recipe_command != "check":
+        build_parser().parse_args(["recipe", "--help"])
+        return 2
+    from reciprune.recipe import describe_plan
+
+    recipe = _load_recipe(args)
+    config = None
+    if not args.no_model:
+        from reciprune.models import load_config
+
+        config = load_config(args.model)
+    print(describe_plan(recipe, config))
+    return 0
+
+
+def _cmd_modifiers(args: argparse.Namespace) -> int:
+    from reciprune.modifiers import available_modifiers
+
+    if args.markdown:
+        from reciprune.modifiers.docs import write_reference_pages
+
+        for path in write_reference_pages(Path(args.markdown)):
+            print(path)
+        return 0
+    registry = available_modifiers()
+    width = max(len(n) for n in registry)
+    for name, cls in registry.items():
+        print(f"{name:<{width}}  {cls.summary()}")
+    return 0
+
+
+COMMANDS = {
+    "oneshot": _cmd_oneshot,
+    "eval": _cmd_eval,
+    "recipe": _cmd_recipe,
+    "modifiers": _cmd_modifiers,
+}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `reciprune` console script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return COMMANDS[args.command](args)
+    except ReciPruneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

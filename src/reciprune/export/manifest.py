@@ -1,0 +1,179 @@
+"""What a run produced and how: the manifest, per-layer sparsity, compressed-tensors metadata."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import platform
+import subprocess
+from collections.abc import Iterable
+from dataclasses import asdict
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import reciprune
+from reciprune.core.targets import is_linear_like, weight_matrix
+from reciprune.models import ModelSource
+
+MANIFEST_VERSION = 1
+
+#: N:M patterns reported per layer, strongest first: "2:4" = at least 2 zeros in every 4.
+NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
+
+_PACKAGES = ("torch", "transformers", "datasets", "compressed-tensors", "pydantic")
+
+
+def sha256_text(s: str) -> str:
+    """Hex sha256 of a string's UTF-8 bytes."""
+    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+
+
+def package_versions() -> dict[str, str]:
+    """Versions of reciprune, its main dependencies and Python ("not installed" when absent)."""
+    versions = {"reciprune": reciprune.__version__}
+    for name in _PACKAGES:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    versions["python"] = platform.python_version()
+    return versions
+
+
+def git_revision() -> str | None:
+    """Commit of the reciprune source tree when it is a git checkout; None otherwise, never raises."""
+    package_dir = Path(reciprune.__file__).resolve().parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(
+                ["git", "-C", str(package_dir), *args],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                check=False,
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else None
+
+    toplevel = git("rev-parse", "--show-toplevel")
+    # An installed copy inside some other repository (a venv in a project) is not our checkout.
+    if toplevel is None or not (Path(toplevel) / "src" / "reciprune").is_dir():
+        return None
+    return git("rev-parse", "HEAD")
+
+
+def build_manifest(
+    *,
+    recipe_yaml: str,
+    model_source: ModelSource,
+    data_fingerprint: str | None,
+    seed: int | None,
+    metrics: dict,
+    timings: dict,
+    layers: dict,
+    extra: dict | None = None,
+) -> dict:
+    """The `reciprune_manifest.json` content: inputs (by hash), environment, results.
+
+    Keys of `extra` are added at the top level; they may not replace a standard key.
+    """
+    manifest: dict[str, Any] = {
+        "manifest_version": MANIFEST_VERSION,
+        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "recipe_sha256": sha256_text(recipe_yaml),
+        "model": asdict(model_source),
+        "data_fingerprint": data_fingerprint,
+        "seed": seed,
+        "metrics": metrics,
+        "timings": timings,
+        "layers": layers,
+        "versions": package_versions(),
+        "git_revision": git_revision(),
+    }
+    for key, value in (extra or {}).items():
+        if key in manifest:
+            raise ValueError(f"manifest key {key!r} is reserved; put it under another name")
+        manifest[key] = value
+    return manifest
+
+
+def nm_holds(matrix: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of `m` consecutive inputs in each row has at least `n` zeros."""
+    rows, cols = matrix.shape
+    if cols % m:
+        return False
+    zeros = (matrix == 0).reshape(rows, cols // m, m).sum(dim=-1)
+    return bool((zeros >= n).all())
+
+
+def _default_modules(model: nn.Module) -> dict[str, nn.Module]:
+    # The output head (lm_head, tied or not) is never pruned by default; embeddings are not Linear.
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if is_linear_like(module) and module is not head
+    }
+
+
+def _selected_modules(model: nn.Module, module_names: Iterable[str] | None) -> dict[str, nn.Module]:
+    if module_names is None:
+        return _default_modules(model)
+    modules = dict(model.named_modules())
+    selected = {}
+    for name in module_names:
+        if name not in modules:
+            raise KeyError(f"model has no module named {name!r}")
+        selected[name] = modules[name]
+    return selected
+
+
+def layer_sparsity_report(
+    model: nn.Module, module_names: Iterable[str] | None = None
+) -> dict[str, dict]:
+    """Per Linear-like module: exact-zero fraction, shape, numel and the N:M pattern that holds.
+
+    `module_names=None` reports every Linear-like module except the output head.
+    """
+    report: dict[str, dict] = {}
+    for name, module in _selected_modules(model, module_names).items():
+        matrix = weight_matrix(module).detach()
+        zeros = int((matrix == 0).sum())
+        nm = next((f"{n}:{m}" for n, m in NM_PATTERNS if nm_holds(matrix, n, m)), None)
+        report[name] = {
+            "sparsity": zeros / matrix.numel(),
+            "shape": list(matrix.shape),
+            "numel": matrix.numel(),
+            "zeros": zeros,
+            "nm": nm,
+        }
+    return report
+
+
+def sparsity_config(
+    model: nn.Module, module_names: Iterable[str], *, structure: str, ignore: list[str]
+) -> dict:
+    """compressed-tensors sparsity metadata (format "dense") for the pruned `module_names`.
+
+    Built with compressed_tensors' own `SparsityCompressionConfig` so the field names are the
+    ones its loaders expect; `global_sparsity` is the zero fraction over the targeted modules.
+    """
+    from compressed_tensors.config import CompressionFormat, SparsityCompressionConfig
+
+    modules = _selected_modules(model, module_names)
+    zeros = sum(int((weight_matrix(m) == 0).sum()) for m in modules.values())
+    numel = sum(weight_matrix(m).numel() for m in modules.values())
+    config = SparsityCompressionConfig.load_from_registry(
+        CompressionFormat.dense.value,
+        targets=list(modules),
+        ignore=list(ignore),
+        global_sparsity=zeros / numel if numel else 0.0,
+        sparsity_structure=structure,
+    )
+    return config.model_dump(mode="json")
