@@ -11,6 +11,8 @@ Fixtures
   Treat it as read-only: it is shared by every test in the session.
 
 `HF_HUB_OFFLINE=1` is set for the whole test session: nothing may come from the Hub.
+torch runs on 1 intra-op thread (override with RECIPRUNE_TEST_THREADS): tiny models gain nothing
+from more, and on a busy 2-core machine a second thread makes each forward ~100x slower.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerBase  # noqa: E402
+
+torch.set_num_threads(int(os.environ.get("RECIPRUNE_TEST_THREADS", "1")))
 
 TINY_VOCAB = 320
 

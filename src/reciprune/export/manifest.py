@@ -157,12 +157,19 @@ def layer_sparsity_report(
 
 
 def sparsity_config(
-    model: nn.Module, module_names: Iterable[str], *, structure: str, ignore: list[str]
+    model: nn.Module,
+    module_names: Iterable[str],
+    *,
+    structure: str,
+    ignore: list[str],
+    targets: list[str] | None = None,
 ) -> dict:
     """compressed-tensors sparsity metadata (format "dense") for the pruned `module_names`.
 
     Built with compressed_tensors' own `SparsityCompressionConfig` so the field names are the
-    ones its loaders expect; `global_sparsity` is the zero fraction over the targeted modules.
+    ones its loaders expect; `global_sparsity` is the zero fraction over `module_names`.
+    `targets` defaults to those module names; pass the recipe's patterns (e.g. ["Linear"]) to
+    record them instead.
     """
     from compressed_tensors.config import CompressionFormat, SparsityCompressionConfig
 
@@ -171,7 +178,7 @@ def sparsity_config(
     numel = sum(weight_matrix(m).numel() for m in modules.values())
     config = SparsityCompressionConfig.load_from_registry(
         CompressionFormat.dense.value,
-        targets=list(modules),
+        targets=list(modules) if targets is None else list(targets),
         ignore=list(ignore),
         global_sparsity=zeros / numel if numel else 0.0,
         sparsity_structure=structure,

@@ -13,8 +13,7 @@ from reciprune.algorithms.masks import parse_mask_structure
 from reciprune.data.calibration import DEFAULT_DATASET, load_calibration, load_eval_texts
 from reciprune.errors import ReciPruneError
 from reciprune.evaluation.perplexity import perplexity
-from reciprune.export.manifest import build_manifest, layer_sparsity_report
-from reciprune.export.save import save_checkpoint, sparsity_config
+from reciprune.export import build_manifest, layer_sparsity_report, save_checkpoint, sparsity_config
 from reciprune.models import load_model, resolve_model
 from reciprune.modifiers.pruning import PruningModifier
 from reciprune.pipelines.oneshot import run_oneshot
