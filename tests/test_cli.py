@@ -67,6 +67,13 @@ def test_oneshot_saves_a_reloadable_sparse_checkpoint_with_manifest(tiny_model_d
                  "--max-seq-length", "32", "--no-progress"]) == 0
     assert f"{manifest['metrics']['ppl_compressed']:.4f}" in capsys.readouterr().out
 
+    assert 0 < layer["reconstruction_error"] < 1
+    assert main(["report", str(out)]) == 0
+    table = capsys.readouterr().out
+    row = next(line for line in table.splitlines() if line.startswith("model.layers.1.mlp.down_proj"))
+    assert "50.00%" in row and "2:4" in row and f"{layer['reconstruction_error']:.4f}" in row
+    assert (out / "layer_report.png").stat().st_size > 1000
+
 
 def test_bad_recipe_fails_before_weights_load_and_writes_nothing(tiny_model_dir, text_files, tmp_path, monkeypatch, capsys):
     import reciprune.pipelines.jobs as jobs

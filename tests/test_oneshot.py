@@ -165,3 +165,28 @@ def test_magnitude_oneshot_needs_no_data_and_prunes_each_matrix(tiny_llama):
         assert kept.float().mean().item() == 0.5, name
         original = before[name].abs()
         assert original[kept].min() >= original[~kept].max(), name  # one threshold per matrix
+
+
+def test_recorded_reconstruction_error_equals_direct_output_error(tiny_llama):
+    dense, model = tiny_llama(seed=5), tiny_llama(seed=5)
+    batches = _batches(model.config.vocab_size, samples=4, length=20)
+    layer0 = {n: m for n, m in dense.model.layers[0].named_modules() if isinstance(m, nn.Linear)}
+    inputs: dict[str, list[torch.Tensor]] = {n: [] for n in layer0}
+    handles = [
+        m.register_forward_pre_hook(lambda _m, a, seen=inputs[n]: seen.append(a[0].detach()))
+        for n, m in layer0.items()
+    ]
+    with torch.no_grad():
+        for batch in batches:
+            dense(**batch)
+    for handle in handles:
+        handle.remove()
+    result = run_oneshot(model, [WandaModifier(sparsity=0.5)], batches, progress=False)
+    for name, module in layer0.items():
+        X = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[name]]).double()
+        W = module.weight.detach().double()
+        pruned = dict(model.named_modules())[f"model.layers.0.{name}"].weight.detach().double()
+        direct = ((X @ W.T - X @ pruned.T) ** 2).sum() / ((X @ W.T) ** 2).sum()
+        recorded = result.records[f"model.layers.0.{name}"]["reconstruction_error"]
+        assert recorded == pytest.approx(float(direct), rel=1e-4), name
+        assert 0 < recorded < 1

@@ -150,6 +150,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="Hide progress bars (e.g. in CI logs)."
     )
 
+    report = sub.add_parser(
+        "report",
+        help="Print the per-layer table of a oneshot output and plot it.",
+        description="Print each compressed module's sparsity, N:M pattern and relative "
+        "reconstruction error ‖WX − W'X‖²/‖WX‖² on the calibration data, from the output's "
+        "manifest, and write layer_report.png beside it.",
+    )
+    report.add_argument("output_dir", help="A folder written by `reciprune oneshot`.")
+    report.add_argument(
+        "--plot",
+        default=None,
+        help="Where to write the PNG (default: OUTPUT_DIR/layer_report.png).",
+    )
+
     recipe = sub.add_parser("recipe", help="Work with recipes (check).")
     recipe_sub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION")
     check = recipe_sub.add_parser(
@@ -243,6 +257,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from reciprune.evaluation.report import PLOT_NAME, plot_report, read_manifest, report_table
+
+    manifest = read_manifest(Path(args.output_dir))
+    print(report_table(manifest))
+    plot = plot_report(manifest, Path(args.plot or Path(args.output_dir) / PLOT_NAME))
+    print(f"\nplot: {plot}")
+    return 0
+
+
 def _cmd_recipe(args: argparse.Namespace) -> int:
     if args.recipe_command != "check":
         build_parser().parse_args(["recipe", "--help"])
@@ -278,6 +302,7 @@ def _cmd_modifiers(args: argparse.Namespace) -> int:
 COMMANDS = {
     "oneshot": _cmd_oneshot,
     "eval": _cmd_eval,
+    "report": _cmd_report,
     "recipe": _cmd_recipe,
     "modifiers": _cmd_modifiers,
 }

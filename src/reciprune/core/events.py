@@ -12,9 +12,16 @@ if TYPE_CHECKING:
 
 
 class EventType(str, Enum):
-    """Points in a run at which modifiers are called."""
+    """Points in a run at which modifiers are called.
+
+    PROFILE_* events come from a dense statistics pass that runs before calibration only when a
+    modifier asks for one (`needs_profile`, e.g. OWL layer-wise sparsity).
+    """
 
     INITIALIZE = "initialize"
+    PROFILE_LAYER_START = "profile_layer_start"
+    PROFILE_LAYER_END = "profile_layer_end"
+    PROFILE_END = "profile_end"
     CALIBRATION_START = "calibration_start"
     LAYER_START = "layer_start"
     LAYER_CALIBRATED = "layer_calibrated"

@@ -11,6 +11,7 @@ from torch import nn
 
 from reciprune.core.events import Event, EventType
 from reciprune.core.statistics import InputStatistics
+from reciprune.core.targets import weight_matrix
 
 if TYPE_CHECKING:
     from reciprune.modifiers.base import Modifier
@@ -33,6 +34,7 @@ class LifecycleSession:
         teacher: nn.Module | None = None,
         total_steps: int | None = None,
         run_type: str = "oneshot",
+        measure_reconstruction: bool = True,
     ) -> None:
         self.model = model
         self.modifiers = list(modifiers)
@@ -41,6 +43,9 @@ class LifecycleSession:
         self.run_type = run_type
         self.global_step = 0
         self.statistics = InputStatistics()
+        #: Record ‖WX − W'X‖² / ‖WX‖² of every module compressed during calibration.
+        self.measure_reconstruction = measure_reconstruction
+        self._weights_before: dict[nn.Module, torch.Tensor] = {}
         #: Per-module results modifiers report (sparsity, errors); they go into the manifest.
         self.records: dict[str, dict[str, Any]] = defaultdict(dict)
         self._hooks: dict[int, list[torch.utils.hooks.RemovableHandle]] = defaultdict(list)
@@ -63,18 +68,52 @@ class LifecycleSession:
         event = Event(
             type=event_type, global_step=self.global_step, total_steps=self.total_steps, **fields
         )
+        if event_type == EventType.PROFILE_LAYER_END:
+            self.statistics.detach()
         if event_type == EventType.LAYER_CALIBRATED:
             self.statistics.detach()
+            if self.measure_reconstruction:
+                self._weights_before = {
+                    module: weight_matrix(module).detach().clone()
+                    for module in self.statistics.tracked_modules()
+                }
         for modifier in self.modifiers:
             if event_type in _ALWAYS_DISPATCHED or modifier.is_active(
                 self.global_step, self.total_steps
             ):
                 modifier.on_event(self, event)
-        if event_type == EventType.LAYER_START and event.layer is not None:
+        if event_type == EventType.PROFILE_LAYER_START and event.layer is not None:
+            self.statistics.attach(event.layer)
+        elif event_type == EventType.PROFILE_LAYER_END:
+            self.statistics.clear()
+        elif event_type == EventType.LAYER_START and event.layer is not None:
+            if self.measure_reconstruction:
+                self.statistics.require_hessians()
             self.statistics.attach(event.layer)
         elif event_type == EventType.LAYER_CALIBRATED:
+            self._record_reconstruction(event)
             self.statistics.clear()
         return event
+
+    def _record_reconstruction(self, event: Event) -> None:
+        """Relative output error of each module changed at this layer, from its input XᵀX.
+
+        ‖(W − W')X‖² = tr(ΔW XᵀX ΔWᵀ), so no extra forward pass is needed.
+        """
+        if not self._weights_before or event.layer is None:
+            return
+        names = {module: name for name, module in event.layer.named_modules()}
+        for module, before in self._weights_before.items():
+            after = weight_matrix(module).float()
+            delta = before.float() - after
+            if not bool(delta.any()):
+                continue
+            xtx = self.statistics.hessian(module)
+            error = float(((delta @ xtx) * delta).sum())
+            reference = float(((before.float() @ xtx) * before.float()).sum())
+            name = f"{event.layer_name}.{names[module]}" if event.layer_name else names[module]
+            self.records[name]["reconstruction_error"] = error / max(reference, 1e-30)
+        self._weights_before = {}
 
     def finalize(self) -> None:
         """FINALIZE event, each modifier's `on_finalize`, then every session hook removed."""

@@ -45,6 +45,15 @@ class InputStatistics:
         """Ask for statistics of `module`'s input; `hessian=True` for the full XᵀX."""
         self._requests[module] = self._requests.get(module, False) or hessian
 
+    def require_hessians(self) -> None:
+        """Upgrade every request to the full XᵀX (used to measure reconstruction errors)."""
+        for module in self._requests:
+            self._requests[module] = True
+
+    def tracked_modules(self) -> list[nn.Module]:
+        """Modules whose inputs were seen in the calibration forward."""
+        return list(self._group_of)
+
     @property
     def tracking(self) -> bool:
         return bool(self._requests)

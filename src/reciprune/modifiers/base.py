@@ -54,6 +54,11 @@ class Modifier(BaseModel):
                     data[new] = value
         return data
 
+    @property
+    def needs_profile(self) -> bool:
+        """Whether a dense statistics pass over all layers must run before calibration."""
+        return False
+
     def _resolve_step(self, value: float, total_steps: int | None) -> float:
         if 0 < value < 1 and total_steps:
             return value * total_steps

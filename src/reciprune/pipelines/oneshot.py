@@ -128,23 +128,51 @@ def run_oneshot(
     was_training = model.training
     model.eval()
     try:
-        inputs: list[LayerInputs] = []
-        if needs_data:
-            t0 = time.perf_counter()
-            inputs = capture_layer_inputs(model, layers[0], batches or [])
-            timings["capture"] = time.perf_counter() - t0
         device = next(model.parameters()).device
-        storage = activation_storage(model, inputs)
-        for item in inputs:
-            item.hidden = item.hidden.to(storage)
+        inputs: list[LayerInputs] = []
+        storage = device
+
+        def capture() -> list[LayerInputs]:
+            t0 = time.perf_counter()
+            captured = capture_layer_inputs(model, layers[0], batches or [])
+            timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - t0
+            for item in captured:
+                item.hidden = item.hidden.to(storage)
+            return captured
+
+        if needs_data:
+            inputs = capture()
+            storage = activation_storage(model, inputs)
+            for item in inputs:
+                item.hidden = item.hidden.to(storage)
+        if any(m.needs_profile for m in modifiers):
+            # A dense statistics pass first: layer-wise profiles (OWL) need every layer's
+            # statistics before the first layer is compressed.
+            t0 = time.perf_counter()
+            profile_bar = tqdm(
+                list(enumerate(layers)),
+                desc=f"{description} (profile)",
+                unit="layer",
+                disable=not progress,
+            )
+            for index, layer in profile_bar:
+                fields = {"layer_index": index, "layer_name": f"{layers_name}.{index}", "layer": layer}
+                session.event(EventType.PROFILE_LAYER_START, **fields)
+                with torch.no_grad():
+                    for item in inputs:
+                        output = _layer_output(layer(item.hidden.to(device), **item.kwargs))
+                        item.hidden = output.to(storage)
+                session.event(EventType.PROFILE_LAYER_END, **fields)
+            session.event(EventType.PROFILE_END)
+            timings["profile"] = time.perf_counter() - t0
+            inputs = capture()
         session.event(EventType.CALIBRATION_START)
         timings.update(calibration_forward=0.0, compress=0.0, propagate=0.0)
         bar = tqdm(
             list(enumerate(layers)), desc=description, unit="layer", disable=not progress, leave=True
         )
         for index, layer in bar:
-            name = f"{layers_name}.{index}"
-            fields = {"layer_index": index, "layer_name": name, "layer": layer}
+            fields = {"layer_index": index, "layer_name": f"{layers_name}.{index}", "layer": layer}
             session.event(EventType.LAYER_START, **fields)
             t0 = time.perf_counter()
             if session.statistics.tracking:
