@@ -72,11 +72,11 @@ class LifecycleSession:
             self.statistics.detach()
         if event_type == EventType.LAYER_CALIBRATED:
             self.statistics.detach()
-            if self.measure_reconstruction:
-                self._weights_before = {
-                    module: weight_matrix(module).detach().clone()
-                    for module in self.statistics.tracked_modules()
-                }
+            # Modifiers that refine an earlier modifier's mask (DSnoT) need the dense weights.
+            self._weights_before = {
+                module: weight_matrix(module).detach().clone()
+                for module in self.statistics.tracked_modules()
+            }
         for modifier in self.modifiers:
             if event_type in _ALWAYS_DISPATCHED or modifier.is_active(
                 self.global_step, self.total_steps
@@ -95,12 +95,23 @@ class LifecycleSession:
             self.statistics.clear()
         return event
 
+    def weight_before(self, module: nn.Module) -> torch.Tensor:
+        """`module`'s [out, in] weight as it was when this layer's calibration ended, before
+        any modifier compressed it (valid during LAYER_CALIBRATED)."""
+        try:
+            return self._weights_before[module]
+        except KeyError:
+            raise RuntimeError(
+                "weight_before is only known during LAYER_CALIBRATED for tracked modules"
+            ) from None
+
     def _record_reconstruction(self, event: Event) -> None:
         """Relative output error of each module changed at this layer, from its input XᵀX.
 
         ‖(W − W')X‖² = tr(ΔW XᵀX ΔWᵀ), so no extra forward pass is needed.
         """
-        if not self._weights_before or event.layer is None:
+        if not self.measure_reconstruction or not self._weights_before or event.layer is None:
+            self._weights_before = {}
             return
         names = {module: name for name, module in event.layer.named_modules()}
         for module, before in self._weights_before.items():

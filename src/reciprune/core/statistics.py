@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from reciprune.algorithms.dsnot import merge_channel_moments
+
 
 @dataclass
 class _InputGroup:
@@ -19,6 +21,8 @@ class _InputGroup:
 
     members: list[nn.Module] = field(default_factory=list)
     want_hessian: bool = False
+    want_moments: bool = False
+    moments: tuple[int, torch.Tensor, torch.Tensor] | None = None  # (count, mean, m2)
     xtx: torch.Tensor | None = None  # Σ xᵀx over tokens, fp32
     sq_norm: torch.Tensor | None = None  # Σ x_j² over tokens, fp32
     num_tokens: int = 0
@@ -35,15 +39,19 @@ class InputStatistics:
 
     def __init__(self) -> None:
         self._requests: dict[nn.Module, bool] = {}
+        self._moment_requests: set[nn.Module] = set()
         self._group_of: dict[nn.Module, _InputGroup] = {}
         self._groups: list[_InputGroup] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
         self._batch = 0
         self._pending_keys: dict[tuple, tuple[weakref.ref, _InputGroup]] = {}
 
-    def track(self, module: nn.Module, *, hessian: bool) -> None:
-        """Ask for statistics of `module`'s input; `hessian=True` for the full XᵀX."""
+    def track(self, module: nn.Module, *, hessian: bool, moments: bool = False) -> None:
+        """Ask for statistics of `module`'s input: ‖X_j‖², plus the full XᵀX with `hessian`,
+        plus each channel's mean and variance (merged stably across batches) with `moments`."""
         self._requests[module] = self._requests.get(module, False) or hessian
+        if moments:
+            self._moment_requests.add(module)
 
     def require_hessians(self) -> None:
         """Upgrade every request to the full XᵀX (used to measure reconstruction errors)."""
@@ -74,6 +82,7 @@ class InputStatistics:
     def clear(self) -> None:
         self.detach()
         self._requests.clear()
+        self._moment_requests.clear()
         self._group_of.clear()
         self._groups.clear()
         self._pending_keys.clear()
@@ -99,6 +108,7 @@ class InputStatistics:
                 self._pending_keys[key] = (weakref.ref(x), group)
             group.members.append(module)
             group.want_hessian = group.want_hessian or self._requests[module]
+            group.want_moments = group.want_moments or module in self._moment_requests
             self._group_of[module] = group
         if group.last_batch == self._batch:
             return
@@ -112,6 +122,12 @@ class InputStatistics:
             if group.sq_norm is None:
                 group.sq_norm = torch.zeros(flat.shape[1], dtype=torch.float32, device=x.device)
             group.sq_norm.add_(flat.square().sum(0))
+        if group.want_moments:
+            batch_mean = flat.mean(0)
+            batch = (flat.shape[0], batch_mean, (flat - batch_mean).square().sum(0))
+            group.moments = batch if group.moments is None else merge_channel_moments(
+                *group.moments, *batch
+            )
         group.num_tokens += flat.shape[0]
         group.num_sequences += x.shape[0] if x.dim() > 2 else 1
 
@@ -137,6 +153,18 @@ class InputStatistics:
         if group.sq_norm is not None:
             return group.sq_norm
         return torch.diagonal(group.xtx).clone()
+
+    def channel_moments(self, module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per input channel mean μ_j and (population) variance over the calibration tokens."""
+        group = self._group(module)
+        if group.moments is None:
+            raise RuntimeError("channel moments requested for a module tracked with moments=False")
+        count, mean, m2 = group.moments
+        return mean, m2 / max(count, 1)
+
+    def tokens_per_sequence(self, module: nn.Module) -> float:
+        group = self._group(module)
+        return group.num_tokens / max(group.num_sequences, 1)
 
     def num_tokens(self, module: nn.Module) -> int:
         return self._group(module).num_tokens

@@ -2,6 +2,7 @@
 
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.constant import ConstantPruningModifier
+from reciprune.modifiers.dsnot import DSnoTModifier
 from reciprune.modifiers.magnitude import MagnitudePruningModifier
 from reciprune.modifiers.registry import (
     available_modifiers,
@@ -13,6 +14,7 @@ from reciprune.modifiers.wanda import WandaModifier
 
 __all__ = [
     "ConstantPruningModifier",
+    "DSnoTModifier",
     "MagnitudePruningModifier",
     "Modifier",
     "SparseGPTModifier",

@@ -59,6 +59,11 @@ class Modifier(BaseModel):
         """Whether a dense statistics pass over all layers must run before calibration."""
         return False
 
+    @property
+    def requires_data(self) -> bool:
+        """Whether running this modifier needs calibration batches at all."""
+        return self.needs_calibration or self.needs_profile
+
     def _resolve_step(self, value: float, total_steps: int | None) -> float:
         if 0 < value < 1 and total_steps:
             return value * total_steps

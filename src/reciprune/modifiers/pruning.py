@@ -10,9 +10,11 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from reciprune.algorithms.masks import parse_mask_structure
+from reciprune.algorithms.owl import outlier_ratio, owl_layer_nm, owl_layer_sparsities
+from reciprune.algorithms.wanda import wanda_scores
 from reciprune.core.events import Event, EventType
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.targets import resolve_targets, validate_target_syntax
+from reciprune.core.targets import resolve_targets, validate_target_syntax, weight_matrix
 from reciprune.errors import RecipeError
 from reciprune.modifiers.base import Modifier
 
@@ -88,11 +90,14 @@ class PruningModifier(TargetedModifier):
     )
     sparsity_profile: str | None = Field(
         None,
-        description="Layer-wise sparsity profile. 'owl' (outlier-weighted layer-wise sparsity) "
-        "is not supported yet; leave unset for a uniform profile.",
+        description="Layer-wise sparsity profile: 'owl' (Yin et al. 2024) prunes layers with more "
+        "outlier Wanda scores less, keeping the layer-mean sparsity equal to `sparsity` (a dense "
+        "statistics pass runs first); unset: the same sparsity everywhere.",
     )
     owl_m: float = Field(5.0, description="OWL outlier threshold M (scores above M x mean).")
-    owl_lmbda: float = Field(0.08, description="OWL sparsity spread λ around the target.")
+    owl_lmbda: float = Field(
+        0.08, ge=0.0, description="OWL sparsity spread: layer sparsities span target ± λ."
+    )
 
     needs_calibration: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = False
@@ -154,12 +159,20 @@ class PruningModifier(TargetedModifier):
         if value is None or value.lower() in ("uniform", "none"):
             return None
         if value.lower() == "owl":
+            return "owl"
+        raise ValueError(
+            f"unknown sparsity_profile {value!r}: use 'owl' (outlier-weighted layer-wise "
+            "sparsity) or leave it unset for the same sparsity in every layer"
+        )
+
+    @model_validator(mode="after")
+    def _check_owl_target(self) -> PruningModifier:
+        if self.sparsity_profile == "owl" and not isinstance(self.sparsity, float | int):
             raise ValueError(
-                "sparsity_profile 'OWL' (outlier-weighted layer-wise sparsity) is not yet "
-                "supported in this release; remove sparsity_profile (and owl_m, owl_lmbda) to "
-                "prune every layer at the same sparsity."
+                "sparsity_profile 'owl' spreads one target sparsity over the layers: give "
+                "sparsity as a single number, not a per-layer list or mapping"
             )
-        raise ValueError(f"unknown sparsity_profile {value!r}; leave it unset for uniform sparsity")
+        return self
 
     @model_validator(mode="after")
     def _check_nm_sparsity(self) -> PruningModifier:
@@ -173,17 +186,32 @@ class PruningModifier(TargetedModifier):
                 )
         return self
 
+    @property
+    def needs_profile(self) -> bool:
+        return self.sparsity_profile == "owl"
+
     # wiring ----------------------------------------------------------------------------------
     def on_initialize(self, session: LifecycleSession) -> None:
         super().on_initialize(session)
-        first = min(self._targets)
-        self.sparsity_for(first, next(iter(self._targets[first])))  # a bad mapping fails now
+        self._outlier_ratios: dict[int, float] = {}
+        self._layer_sparsity: dict[int, float] = {}
+        self._layer_n: dict[int, int] = {}
+        if not self.needs_profile:
+            first = min(self._targets)
+            self.sparsity_for(first, next(iter(self._targets[first])))  # a bad mapping fails now
+
+    def structure_for(self, layer_index: int) -> tuple[int, int]:
+        """(n, m) of the layer's N:M structure, (0, 0) when unstructured; OWL may vary n."""
+        n, m = parse_mask_structure(self.mask_structure)
+        return (self._layer_n.get(layer_index, n), m) if m else (0, 0)
 
     def sparsity_for(self, layer_index: int, module_name: str) -> float:
-        """The target sparsity of one module, from the float / list / mapping form."""
-        n, m = parse_mask_structure(self.mask_structure)
+        """The target sparsity of one module, from the float / list / mapping form or OWL."""
+        n, m = self.structure_for(layer_index)
         if m:
             return 1 - n / m
+        if self.needs_profile:
+            return self._layer_sparsity[layer_index]
         spec = self.sparsity
         if isinstance(spec, list):
             if len(spec) != self._num_layers:
@@ -206,15 +234,40 @@ class PruningModifier(TargetedModifier):
             )
         return float(spec)
 
+    def _owl_profile(self) -> None:
+        """OWL: layers with more outlier Wanda scores are pruned less; same mean sparsity."""
+        indices = sorted(self._outlier_ratios)
+        ratios = [self._outlier_ratios[i] for i in indices]
+        n, m = parse_mask_structure(self.mask_structure)
+        try:
+            if m:
+                self._layer_n = dict(zip(indices, owl_layer_nm(ratios, n, m, self.owl_lmbda), strict=True))
+            else:
+                profile = owl_layer_sparsities(ratios, float(self.sparsity), self.owl_lmbda)
+                self._layer_sparsity = dict(zip(indices, profile, strict=True))
+        except ValueError as exc:
+            raise RecipeError(f"{self.type_name()} OWL profile: {exc}; lower owl_lmbda") from exc
+
     def on_event(self, session: LifecycleSession, event: Event) -> None:
+        if event.type == EventType.PROFILE_END and self.needs_profile:
+            self._owl_profile()
+            return
         if event.layer_index is None or event.layer_index not in self._targets:
             return
         modules = self._targets[event.layer_index]
-        if event.type == EventType.LAYER_START and self.needs_calibration:
+        if event.type == EventType.PROFILE_LAYER_START and self.needs_profile:
             for module in modules.values():
-                session.statistics.track(module, hessian=self.needs_hessian)
+                session.statistics.track(module, hessian=False)
+        elif event.type == EventType.PROFILE_LAYER_END and self.needs_profile:
+            scores = [
+                wanda_scores(weight_matrix(module), session.statistics.sq_norm(module)).flatten()
+                for module in modules.values()
+            ]
+            self._outlier_ratios[event.layer_index] = outlier_ratio(torch.cat(scores), self.owl_m)
+        elif event.type == EventType.LAYER_START and self.needs_calibration:
+            self.track_layer(session, modules)
         elif event.type == EventType.LAYER_CALIBRATED:
-            n, m = parse_mask_structure(self.mask_structure)
+            n, m = self.structure_for(event.layer_index)
             for name, module in modules.items():
                 sparsity = self.sparsity_for(event.layer_index, name)
                 with torch.no_grad():
@@ -223,8 +276,17 @@ class PruningModifier(TargetedModifier):
                     method=self.type_name(),
                     target_sparsity=sparsity,
                     sparsity=1.0 - keep.float().mean().item(),
-                    mask_structure=self.mask_structure,
+                    mask_structure=f"{n}:{m}" if m else "unstructured",
                 )
+                if self.needs_profile:
+                    session.records[name]["owl_outlier_ratio"] = self._outlier_ratios.get(
+                        event.layer_index
+                    )
+
+    def track_layer(self, session: LifecycleSession, modules: dict[str, nn.Module]) -> None:
+        """Ask for the input statistics `prune_module` reads."""
+        for module in modules.values():
+            session.statistics.track(module, hessian=self.needs_hessian)
 
     def prune_module(
         self, session: LifecycleSession, module: nn.Module, sparsity: float, n: int, m: int

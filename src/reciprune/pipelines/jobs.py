@@ -65,7 +65,7 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
     model, tokenizer, source = load_model(source.spec, trust_remote_code=job.trust_remote_code)
     timings["load_model"] = time.perf_counter() - t0
 
-    needs_data = any(m.needs_calibration for s in job.recipe.stages for m in s.modifiers)
+    needs_data = any(m.requires_data for s in job.recipe.stages for m in s.modifiers)
     calibration = None
     if needs_data:
         t0 = time.perf_counter()

@@ -118,7 +118,7 @@ def run_oneshot(
     started = time.perf_counter()
     session = LifecycleSession(model, modifiers, run_type="oneshot")
     session.initialize()
-    needs_data = any(m.needs_calibration for m in modifiers)
+    needs_data = any(m.requires_data for m in modifiers)
     if needs_data and not batches:
         raise ReciPruneError(
             "this stage's modifiers need calibration data but none was given; pass --dataset "
