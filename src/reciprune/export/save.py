@@ -50,7 +50,8 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=_json_default) + "\n"
 
 
-def _check_output_dir(output_dir: Path, overwrite: bool) -> None:
+def check_output_dir(output_dir: Path, overwrite: bool) -> None:
+    """Refuse a file, or a non-empty folder unless `overwrite`; called before any work starts."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ReciPruneError(
             f"output path {output_dir} exists and is a file, not a folder. Choose another "
@@ -78,7 +79,7 @@ def save_checkpoint(
     `sparsity_config` goes under config.json's "sparsity_config" key. Returns the folder.
     """
     output_dir = Path(output_dir).expanduser().absolute()
-    _check_output_dir(output_dir, overwrite)
+    check_output_dir(output_dir, overwrite)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     old: Path | None = None
@@ -96,7 +97,7 @@ def save_checkpoint(
         (tmp / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
         if output_dir.is_dir() and any(output_dir.iterdir()):
             # Checked again here: the folder may have been filled while we were writing.
-            _check_output_dir(output_dir, overwrite)
+            check_output_dir(output_dir, overwrite)
             old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
             os.replace(output_dir, old)
         os.replace(tmp, output_dir)  # replaces a missing or empty folder in one step

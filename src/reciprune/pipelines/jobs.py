@@ -14,6 +14,7 @@ from reciprune.data.calibration import DEFAULT_DATASET, load_calibration, load_e
 from reciprune.errors import ReciPruneError
 from reciprune.evaluation.perplexity import perplexity
 from reciprune.export import build_manifest, layer_sparsity_report, save_checkpoint, sparsity_config
+from reciprune.export.save import check_output_dir
 from reciprune.models import load_model, resolve_model
 from reciprune.modifiers.pruning import PruningModifier
 from reciprune.pipelines.oneshot import run_oneshot
@@ -41,14 +42,6 @@ class OneshotJob:
     results: dict[str, Any] = field(default_factory=dict)
 
 
-def _check_output_dir(path: Path, overwrite: bool) -> None:
-    if path.exists() and any(path.iterdir()) and not overwrite:
-        raise ReciPruneError(
-            f"output directory {path} already exists and is not empty; choose another "
-            "--output-dir or pass --overwrite to replace it"
-        )
-
-
 def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
     """Run every stage of `job.recipe` (all oneshot) and save one checkpoint; returns metrics."""
     finetune = [s.name for s in job.recipe.stages if s.run_type != "oneshot"]
@@ -57,7 +50,7 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
             f"this recipe has finetune stage(s) {finetune}; `reciprune oneshot` runs oneshot "
             "stages only: pass --stage NAME to run one of its oneshot stages"
         )
-    _check_output_dir(job.output_dir, job.overwrite)
+    check_output_dir(job.output_dir, job.overwrite)
     source = resolve_model(job.model)  # a bad path fails here, before any weights load
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
