@@ -77,6 +77,11 @@ class Modifier(BaseModel):
             return global_step < self._resolve_step(self.end, total_steps)
         return True
 
+    def check_stage(self, earlier: list[Modifier]) -> str | None:
+        """A problem with this modifier's place in its stage (`earlier`: the modifiers before
+        it), as a message for the recipe error, or None."""
+        return None
+
     def on_initialize(self, session: LifecycleSession) -> None:
         """Called once, before any event: resolve targets, build state."""
 

@@ -14,6 +14,7 @@ from reciprune.algorithms.sparsegpt import sparsegpt_prune
 from reciprune.algorithms.wanda import wanda_prune
 from reciprune.core.targets import set_weight_matrix, weight_matrix
 from reciprune.errors import RecipeError
+from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
 from reciprune.modifiers.registry import register_modifier
 
@@ -50,10 +51,11 @@ class DSnoTModifier(PruningModifier):
         0.1, ge=0.0, description="A row keeps swapping while its |expected error| exceeds this."
     )
     pow_of_var_regrowing: float = Field(
-        1.0, description="Exponent of the channel variance dividing the regrowing criterion."
+        1.0, ge=0.0, description="Exponent of the channel variance dividing the regrowing criterion."
     )
     pow_of_var_pruning: float = Field(
         0.0,
+        ge=0.0,
         description="Exponent of the channel variance dividing the pruning (Wanda) score; the "
         "reference parses 1 but never applies it, so 0 reproduces it.",
     )
@@ -75,16 +77,21 @@ class DSnoTModifier(PruningModifier):
         "ICLR 2024"
     )
 
-    def on_initialize(self, session: LifecycleSession) -> None:
-        super().on_initialize(session)
-        position = next(i for i, m in enumerate(session.modifiers) if m is self)
-        earlier = [m for m in session.modifiers[:position] if isinstance(m, PruningModifier)]
-        if self.initial_method is None and not earlier:
-            raise RecipeError(
+    def check_stage(self, earlier: list[Modifier]) -> str | None:
+        if self.initial_method is None and not any(isinstance(m, PruningModifier) for m in earlier):
+            return (
                 "DSnoTModifier has no initial_method and no pruning modifier before it in its "
                 "stage, so there is no mask to refine: set initial_method (wanda, sparsegpt, "
                 "magnitude) or put e.g. a WandaModifier before it in the same stage"
             )
+        return None
+
+    def on_initialize(self, session: LifecycleSession) -> None:
+        super().on_initialize(session)
+        position = next(i for i, m in enumerate(session.modifiers) if m is self)
+        problem = self.check_stage(session.modifiers[:position])
+        if problem:
+            raise RecipeError(problem)
 
     def track_layer(self, session: LifecycleSession, modules: dict[str, nn.Module]) -> None:
         for module in modules.values():

@@ -94,9 +94,13 @@ class PruningModifier(TargetedModifier):
         "outlier Wanda scores less, keeping the layer-mean sparsity equal to `sparsity` (a dense "
         "statistics pass runs first); unset: the same sparsity everywhere.",
     )
-    owl_m: float = Field(5.0, description="OWL outlier threshold M (scores above M x mean).")
-    owl_lmbda: float = Field(
-        0.08, ge=0.0, description="OWL sparsity spread: layer sparsities span target ± λ."
+    owl_m: float | None = Field(
+        None, gt=0.0, description="OWL outlier threshold M: a score above M x the layer mean is an "
+        "outlier (the paper uses 5); required with sparsity_profile 'owl'."
+    )
+    owl_lmbda: float | None = Field(
+        None, ge=0.0, description="OWL spread λ: layer sparsities span target ± λ (the paper "
+        "uses 0.08); required with sparsity_profile 'owl'."
     )
 
     needs_calibration: ClassVar[bool] = True
@@ -167,6 +171,11 @@ class PruningModifier(TargetedModifier):
 
     @model_validator(mode="after")
     def _check_owl_target(self) -> PruningModifier:
+        if self.sparsity_profile == "owl" and (self.owl_m is None or self.owl_lmbda is None):
+            raise ValueError(
+                "sparsity_profile 'owl' needs owl_m (outlier threshold M; the paper uses 5) and "
+                "owl_lmbda (sparsity spread λ; the paper uses 0.08)"
+            )
         if self.sparsity_profile == "owl" and not isinstance(self.sparsity, float | int):
             raise ValueError(
                 "sparsity_profile 'owl' spreads one target sparsity over the layers: give "

@@ -433,7 +433,10 @@ def _validate(stages: list[_RawStage]) -> Recipe:
     for stage in stages:
         modifiers = [_build_modifier(m) for m in stage.modifiers]
         run_type, reason = _run_type(stage, modifiers)
-        for raw, modifier in zip(stage.modifiers, modifiers, strict=True):
+        for index, (raw, modifier) in enumerate(zip(stage.modifiers, modifiers, strict=True)):
+            problem = modifier.check_stage(modifiers[:index])
+            if problem:
+                raise _fail(raw.where, problem)
             if run_type not in modifier.run_types:
                 raise _fail(
                     raw.where,
