@@ -35,6 +35,10 @@ def _rows() -> dict[str, tuple[str, list[tuple[str, dict]]]]:
         rows[f"wanda_dsnot_{percent}"] = (
             f"Wanda + DSnoT {percent}%", [(WANDA, {"sparsity": s}), (DSNOT, {"sparsity": s})]
         )
+        rows[f"wanda_dsnot_reference_{percent}"] = (
+            f"Wanda + DSnoT {percent}% (reference: keep_if_better off)",
+            [(WANDA, {"sparsity": s}), (DSNOT, {"sparsity": s, "keep_if_better": False})],
+        )
         rows[f"sparsegpt_dsnot_{percent}"] = (
             f"SparseGPT + DSnoT {percent}%", [(SGPT, {"sparsity": s}), (DSNOT, {"sparsity": s})]
         )
@@ -54,7 +58,8 @@ GRIDS = {
     "sweep": [
         "magnitude_50", "wanda_50", "sparsegpt_50", "magnitude_60", "wanda_60", "sparsegpt_60",
         "magnitude_70", "wanda_70", "sparsegpt_70", "magnitude_2of4", "wanda_2of4",
-        "sparsegpt_2of4", "wanda_dsnot_60", "wanda_dsnot_70", "sparsegpt_dsnot_60",
+        "sparsegpt_2of4", "wanda_dsnot_reference_60", "wanda_dsnot_reference_70",
+        "wanda_dsnot_60", "wanda_dsnot_70", "sparsegpt_dsnot_60",
         "sparsegpt_dsnot_70", "wanda_owl_70", "sparsegpt_owl_70",
     ],
 }
