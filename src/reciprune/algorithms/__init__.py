@@ -1,5 +1,6 @@
 """Pure tensor algorithms for pruning: no hooks, no I/O, no logging."""
 
+from reciprune.algorithms.dsnot import dsnot_refine, merge_channel_moments
 from reciprune.algorithms.magnitude import cubic_sparsity, magnitude_prune
 from reciprune.algorithms.masks import (
     mask_sparsity,
@@ -9,14 +10,22 @@ from reciprune.algorithms.masks import (
     satisfies_nm,
     tensor_keep_mask,
 )
+from reciprune.algorithms.owl import outlier_ratio, owl_layer_nm, owl_layer_sparsities
+from reciprune.algorithms.reconstruction import output_error
 from reciprune.algorithms.sparsegpt import sparsegpt_prune
 from reciprune.algorithms.wanda import wanda_prune, wanda_scores
 
 __all__ = [
     "cubic_sparsity",
+    "dsnot_refine",
     "magnitude_prune",
     "mask_sparsity",
+    "merge_channel_moments",
     "nm_keep_mask",
+    "outlier_ratio",
+    "output_error",
+    "owl_layer_nm",
+    "owl_layer_sparsities",
     "parse_mask_structure",
     "row_keep_mask",
     "satisfies_nm",

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from reciprune.algorithms.reconstruction import output_error
 from reciprune.core.events import Event, EventType
 from reciprune.core.statistics import InputStatistics
 from reciprune.core.targets import weight_matrix
@@ -115,13 +116,11 @@ class LifecycleSession:
             return
         names = {module: name for name, module in event.layer.named_modules()}
         for module, before in self._weights_before.items():
-            after = weight_matrix(module).float()
-            delta = before.float() - after
+            delta = before.float() - weight_matrix(module).float()
             if not bool(delta.any()):
                 continue
             xtx = self.statistics.hessian(module)
-            error = float(((delta @ xtx) * delta).sum())
-            reference = float(((before.float() @ xtx) * before.float()).sum())
+            error, reference = output_error(delta, xtx), output_error(before, xtx)
             name = f"{event.layer_name}.{names[module]}" if event.layer_name else names[module]
             self.records[name]["reconstruction_error"] = error / max(reference, 1e-30)
         self._weights_before = {}

@@ -10,6 +10,7 @@ from torch import nn
 
 from reciprune.algorithms.dsnot import dsnot_refine
 from reciprune.algorithms.magnitude import magnitude_prune
+from reciprune.algorithms.reconstruction import output_error
 from reciprune.algorithms.sparsegpt import sparsegpt_prune
 from reciprune.algorithms.wanda import wanda_prune
 from reciprune.core.targets import set_weight_matrix, weight_matrix
@@ -20,12 +21,6 @@ from reciprune.modifiers.registry import register_modifier
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession
-
-
-def output_error(dense: torch.Tensor, W: torch.Tensor, xtx: torch.Tensor) -> float:
-    """‖(W_dense − W)X‖² up to XᵀX's scale: tr(ΔW XᵀX ΔWᵀ)."""
-    delta = (dense - W).float()
-    return float(((delta @ xtx) * delta).sum())
 
 
 @register_modifier
@@ -165,7 +160,7 @@ class DSnoTModifier(PruningModifier):
             refined_W = torch.where(W != 0, W, dense) * refined
             if self.keep_if_better:
                 xtx = session.statistics.hessian(module)
-                if output_error(dense, refined_W, xtx) >= output_error(dense, W * keep, xtx):
+                if output_error(dense - refined_W, xtx) >= output_error(dense - W * keep, xtx):
                     refined, refined_W = keep, W * keep
             session.records[name]["dsnot_swaps"] = int((refined != keep).sum()) // 2
             keep, W = refined, refined_W
