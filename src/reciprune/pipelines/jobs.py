@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from reciprune.algorithms.masks import parse_mask_structure
 from reciprune.data.calibration import DEFAULT_DATASET, load_calibration, load_eval_texts
 from reciprune.errors import ReciPruneError
 from reciprune.evaluation.perplexity import perplexity
@@ -39,7 +38,6 @@ class OneshotJob:
     overwrite: bool = False
     trust_remote_code: bool = False
     progress: bool = True
-    results: dict[str, Any] = field(default_factory=dict)
 
 
 def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
@@ -52,6 +50,7 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
         )
     check_output_dir(job.output_dir, job.overwrite)
     source = resolve_model(job.model)  # a bad path fails here, before any weights load
+    eval_texts = load_eval_texts(job.ppl_file) if job.eval_ppl else None
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     torch.manual_seed(job.seed)
@@ -72,7 +71,6 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
         timings["load_data"] = time.perf_counter() - t0
 
     metrics: dict[str, Any] = {}
-    eval_texts = load_eval_texts(job.ppl_file) if job.eval_ppl else None
     if eval_texts is not None:
         t0 = time.perf_counter()
         metrics["ppl_dense"] = _ppl(model, tokenizer, eval_texts, job)
@@ -99,19 +97,18 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
     pruned = [m for s in job.recipe.stages for m in s.modifiers if isinstance(m, PruningModifier)]
     config = None
     if pruned:
-        last = pruned[-1]
-        n, m = parse_mask_structure(last.mask_structure)
         config = sparsity_config(
             model,
             list(records),
-            structure=last.mask_structure if m else "unstructured",
+            structure=pruned[-1].mask_structure,
             targets=sorted({t for p in pruned for t in p.targets}),
             # Modifiers act inside the decoder layers only: the output head stays dense.
             ignore=sorted({i for p in pruned for i in p.ignore} | _output_head_names(model)),
         )
         metrics["global_sparsity"] = config["global_sparsity"]
+    recipe_yaml = job.recipe.to_yaml()
     manifest = build_manifest(
-        recipe_yaml=job.recipe.to_yaml(),
+        recipe_yaml=recipe_yaml,
         model_source=source,
         data_fingerprint=calibration.fingerprint if calibration else None,
         seed=job.seed,
@@ -132,7 +129,7 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
         model,
         tokenizer,
         job.output_dir,
-        recipe_yaml=job.recipe.to_yaml(),
+        recipe_yaml=recipe_yaml,
         manifest=manifest,
         sparsity_config=config,
         overwrite=job.overwrite,
