@@ -135,3 +135,20 @@ def test_every_command_and_option_has_help():
                 assert all(a.help for a in action._choices_actions), parser.prog
             elif action.help != argparse.SUPPRESS:
                 assert action.help and len(action.help) > 8, (parser.prog, action.dest)
+
+
+def test_multi_stage_recipe_runs_one_oneshot_stage_with_stage_flag(tiny_model_dir, text_files, tmp_path, capsys):
+    recipe = tmp_path / "tutorial.yaml"
+    recipe.write_text(
+        "sparsity_stage:\n  run_type: oneshot\n  sparsity_modifiers:\n    WandaModifier:\n"
+        "      sparsity: 0.5\n"
+        "finetuning_stage:\n  run_type: finetune\n  pruning_modifiers:\n"
+        "    ConstantPruningModifier:\n      targets: ['re:.*q_proj.weight', 're:.*up_proj.weight']\n"
+        "      start: 0\n"
+    )
+    out = tmp_path / "out"
+    assert main(_oneshot_args(recipe, tiny_model_dir, text_files, out)) == 2
+    assert "--stage" in capsys.readouterr().err and not out.exists()
+    assert main([*_oneshot_args(recipe, tiny_model_dir, text_files, out), "--stage", "sparsity_stage"]) == 0
+    saved = (out / "recipe.yaml").read_text()
+    assert "WandaModifier" in saved and "ConstantPruningModifier" not in saved
