@@ -9,6 +9,8 @@ Fixtures
   `tokenizers` package on embedded BoolQ passages (no network). eos = bos = `<|endoftext|>`,
   pad = `<pad>`, and a minimal chat template so `apply_chat_template` works.
   Treat it as read-only: it is shared by every test in the session.
+- `tiny_model_dir`: a saved folder of a 2-layer `tiny_llama` with `tiny_tokenizer`.
+- `text_files`: (calibration, held-out) text files of embedded BoolQ passages (60 and 20).
 
 `HF_HUB_OFFLINE=1` is set for the whole test session: nothing may come from the Hub.
 torch runs on 1 intra-op thread (override with RECIPRUNE_TEST_THREADS): tiny models gain nothing
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 # Set before transformers is imported anywhere, so no test can reach the Hub by accident.
@@ -93,3 +96,21 @@ def tiny_tokenizer() -> PreTrainedTokenizerBase:
     tokenizer.chat_template = _CHAT_TEMPLATE
     assert len(tokenizer) == TINY_VOCAB
     return tokenizer
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path, tiny_llama, tiny_tokenizer) -> Path:
+    folder = tmp_path / "tiny-llama"
+    tiny_llama(num_hidden_layers=2).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def text_files(tmp_path) -> tuple[Path, Path]:
+    from reciprune.data.embedded import embedded_calibration_texts, embedded_heldout_texts
+
+    calibration, heldout = tmp_path / "calib.txt", tmp_path / "heldout.txt"
+    calibration.write_text("\n\n".join(embedded_calibration_texts()[:60]))
+    heldout.write_text("\n\n".join(embedded_heldout_texts()[:20]))
+    return calibration, heldout

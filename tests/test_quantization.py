@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 from reciprune.algorithms.observers import fake_quantize_weight, mse_qparams, observe_weight
 from reciprune.algorithms.reconstruction import output_error
 from reciprune.cli import main
-from reciprune.data.embedded import embedded_calibration_texts, embedded_heldout_texts
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers import QuantizationModifier, SparseGPTModifier
 from reciprune.pipelines.oneshot import run_oneshot
@@ -343,14 +342,6 @@ def test_gptq_after_sparsegpt_keeps_the_2of4_zeros(tiny_llama):
 
 
 # end to end: CLI, compressed-tensors export, reload with transformers ----------------------------
-@pytest.fixture
-def text_files(tmp_path) -> tuple[Path, Path]:
-    calibration, heldout = tmp_path / "calib.txt", tmp_path / "heldout.txt"
-    calibration.write_text("\n\n".join(embedded_calibration_texts()[:40]))
-    heldout.write_text("\n\n".join(embedded_heldout_texts()[:10]))
-    return calibration, heldout
-
-
 def _model_dir(tmp_path, tiny_llama, tiny_tokenizer, **config) -> Path:
     folder = tmp_path / "model"
     tiny_llama(**config).save_pretrained(folder)

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import tempfile
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -283,15 +284,24 @@ def load_model(
     *,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
+    dequantize: bool = False,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource]:
-    """Load a causal LM (eval mode) and its tokenizer (with a pad token) from `spec`."""
+    """Load a causal LM (eval mode) and its tokenizer (with a pad token) from `spec`.
+
+    `dequantize` (for training): a compressed-tensors checkpoint loads as a plain model with
+    float weights that require gradients, instead of quantized modules whose packed weights
+    transformers freezes."""
     source = resolve_model(spec)
     where = _loadable(source)
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            where, dtype=dtype, trust_remote_code=trust_remote_code
-        )
+        with warnings.catch_warnings():
+            # Passing dequantize=True over the checkpoint's own quantization_config is the point.
+            warnings.filterwarnings("ignore", message="You passed `quantization_config`")
+            model = AutoModelForCausalLM.from_pretrained(
+                where, dtype=dtype, trust_remote_code=trust_remote_code,
+                **(_dequantized(where) if dequantize else {}),
+            )
     except (OSError, ValueError, KeyError) as exc:
         raise (_load_error(source, exc) if _is_local(source) else _hub_error(source, exc)) from exc
     if tokenizer.pad_token is None:
@@ -299,6 +309,19 @@ def load_model(
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     model.eval()
     return model, tokenizer, source
+
+
+def _dequantized(where: str) -> dict:
+    """from_pretrained arguments that load a compressed-tensors checkpoint as dense floats."""
+    config_file = Path(where) / "config.json"
+    if not config_file.is_file():
+        return {}
+    quantization = json.loads(config_file.read_text(encoding="utf-8")).get("quantization_config")
+    if not quantization or quantization.get("quant_method") != "compressed-tensors":
+        return {}
+    from transformers import CompressedTensorsConfig
+
+    return {"quantization_config": CompressedTensorsConfig(dequantize=True)}
 
 
 def load_config(spec: str | None) -> PretrainedConfig:

@@ -57,6 +57,10 @@ class LifecycleSession:
         #: Finetune stages: the optimizer, set by the trainer once built (after `on_prepare`),
         #: for modifiers that edit its state (e.g. the moments of re-chosen sparse deltas).
         self.optimizer: torch.optim.Optimizer | None = None
+        #: Finetune stages with a 4-bit base (`load_in_4bit`): the NF4 backend that quantizes the
+        #: frozen Linears after `on_prepare`, for modifiers that quantize their modules themselves
+        #: (reciprune.core.nf4_base.NF4Backend); None for a full-precision base.
+        self.base_quantization: Any = None
         self._prepared = False
         self._initialized = False
         self._finalized = False

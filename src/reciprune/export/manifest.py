@@ -7,7 +7,7 @@ import importlib.metadata
 import platform
 import subprocess
 from collections.abc import Iterable
-from dataclasses import asdict
+from dataclasses import asdict, fields, is_dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -21,10 +21,27 @@ from reciprune.models import ModelSource
 
 MANIFEST_VERSION = 1
 
+#: Job options that say where and how output is written, not what is computed: left out of a
+#: manifest's `invocation` (a re-run chooses its own) — plus the recipe, stored on its own.
+_NOT_REPRODUCED = frozenset(
+    {"recipe", "recipe_yaml", "stage", "training", "output_dir", "overwrite", "resume", "progress"}
+)
+
 #: N:M patterns reported per layer, strongest first: "2:4" = at least 2 zeros in every 4.
 NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
 
-_PACKAGES = ("torch", "transformers", "datasets", "compressed-tensors", "pydantic")
+_PACKAGES = (
+    "torch",
+    "transformers",
+    "datasets",
+    "compressed-tensors",
+    "pydantic",
+    "safetensors",
+    "accelerate",
+    "peft",
+    "bitsandbytes",
+    "numpy",
+)
 
 
 def sha256_text(s: str) -> str:
@@ -72,7 +89,7 @@ def build_manifest(
     *,
     recipe_yaml: str,
     model_source: ModelSource,
-    data_fingerprint: str | None,
+    data_fingerprint: str | dict[str, str | None] | None,
     seed: int | None,
     metrics: dict,
     timings: dict,
@@ -81,12 +98,15 @@ def build_manifest(
 ) -> dict:
     """The `reciprune_manifest.json` content: inputs (by hash), environment, results.
 
-    Keys of `extra` are added at the top level; they may not replace a standard key.
+    The recipe's text is stored too (`recipe`, the explicit form that was applied), so the
+    manifest alone is enough for `reciprune run --from-manifest`. Keys of `extra` are added at
+    the top level; they may not replace a standard key.
     """
     manifest: dict[str, Any] = {
         "manifest_version": MANIFEST_VERSION,
         "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "recipe_sha256": sha256_text(recipe_yaml),
+        "recipe": recipe_yaml,
         "model": asdict(model_source),
         "data_fingerprint": data_fingerprint,
         "seed": seed,
@@ -101,6 +121,24 @@ def build_manifest(
             raise ValueError(f"manifest key {key!r} is reserved; put it under another name")
         manifest[key] = value
     return manifest
+
+
+def job_invocation(job: Any, **more: Any) -> dict[str, Any]:
+    """The options of a job dataclass that decide its result, as JSON data, for a manifest.
+
+    Everything but the recipe (stored on its own) and where/how output is written; with the
+    recipe and the model it is what `reciprune run --from-manifest` needs to run the job again.
+    """
+    if not is_dataclass(job):
+        raise TypeError(f"expected a job dataclass, got {type(job).__name__}")
+    options: dict[str, Any] = {}
+    for field in fields(job):
+        if field.name in _NOT_REPRODUCED:
+            continue
+        value = getattr(job, field.name)
+        options[field.name] = str(value) if isinstance(value, Path) else value
+    options.update(more)
+    return options
 
 
 def nm_holds(matrix: torch.Tensor, n: int, m: int) -> bool:

@@ -93,7 +93,12 @@ def save_checkpoint(
     try:
         compressor = _quantization_compressor(model)
         if compressor is not None:
-            compressor.compress_model(model)
+            from compressed_tensors.offload import as_single_threaded
+
+            # Under torch.distributed compressed-tensors shares the work between processes,
+            # but only the main process saves: compress here alone, or it waits for the others.
+            with as_single_threaded():
+                compressor.compress_model(model)
         model.save_pretrained(tmp)
         if compressor is not None:
             compressor.update_config(str(tmp))

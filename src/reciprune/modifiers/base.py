@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 if TYPE_CHECKING:
     from torch import Tensor
+    from torch.nn import Module
 
     from reciprune.core.events import Event
     from reciprune.core.session import LifecycleSession
@@ -118,6 +119,11 @@ class Modifier(BaseModel):
         added parameters folds them into the base weights here (merge) and drops their names.
         Called in recipe order, after every modifier's `export_files`."""
         return state
+
+    def export_model(self, model: Module) -> None:
+        """Finetune stages, on rank 0: the plain model built from the exported state dict,
+        before it is evaluated and saved; edit it in place (e.g. attach the quantization layout
+        the checkpoint is saved in). Called in recipe order."""
 
     def export_files(self, state: dict[str, Tensor]) -> dict[str, bytes]:
         """Files (name → bytes) saved beside the checkpoint, e.g. trained adapters or deltas on

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -14,6 +16,7 @@ from reciprune.algorithms.observers import (
     fake_quantize_weight,
     observe_weight,
 )
+from reciprune.algorithms.qat import qat_linear
 from reciprune.core.events import Event, EventType
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.targets import resolve_targets, set_weight_matrix, weight_matrix
@@ -138,11 +141,21 @@ class QuantizationModifier(TargetedModifier):
     The output head is quantized only when a target is its exact name (e.g. 'lm_head'): by
     rounding, after the last layer, and not when it is tied to the input embeddings.
 
+    In a finetune stage it does quantization-aware training: each weight's scale and zero point
+    are fixed when the stage starts (the previous stage's, when it saved these weights quantized
+    on that grid, e.g. a oneshot GPTQ stage; else from the observer), and every forward computes
+    with W_q = W + sg(Q(W) − W) and, for schemes with dynamic input quantization (W8A8,
+    FP8_DYNAMIC), x_q = x + sg(Q(x) − x): the straight-through estimator, so the float weights
+    train. At the end the trained weights are rounded on those scales and saved quantized; the
+    checkpoint computes what the trained model computed. Zeros stay zero (with
+    ConstantPruningModifier the mask holds too). Not with static input scales, GPTQ, start/end,
+    or modifiers that add parameters (LoRA, RowSparse, SpIEL).
+
     The stage's output is saved through compressed-tensors: packed int4 (`pack-quantized`),
     int8 / FP8 weights (`int-quantized`, `float-quantized`, `naive-quantized`) with a
-    `quantization_config` in config.json that transformers and vLLM load. Oneshot stages only
-    (no fake-quantized training yet). Calibration data is needed only by GPTQ and static input
-    scales. Modules whose input size a group size does not divide must be ignored.
+    `quantization_config` in config.json that transformers and vLLM load. Calibration data is
+    needed only by GPTQ and static input scales. Modules whose input size a group size does not
+    divide must be ignored.
     """
 
     scheme: str | None = Field(
@@ -178,7 +191,7 @@ class QuantizationModifier(TargetedModifier):
         "still follow the stored column order, so the format does not change).",
     )
 
-    run_types: ClassVar[tuple[str, ...]] = ("oneshot",)
+    run_types: ClassVar[tuple[str, ...]] = ("oneshot", "finetune")
     example_fields: ClassVar[dict[str, Any]] = {"scheme": "W4A16"}
     paper: ClassVar[str] = (
         "Frantar, Ashkboos, Hoefler & Alistarh, 'GPTQ: Accurate Post-Training Quantization for "
@@ -244,6 +257,13 @@ class QuantizationModifier(TargetedModifier):
                 "a stage takes one QuantizationModifier (config.json holds one quantization "
                 "config per checkpoint); give different settings per module with config_groups"
             )
+        adds = [m.type_name() for m in earlier if m.adds_layer_parameters]
+        if adds:
+            return (
+                f"{self.type_name()} cannot train beside {adds[0]}: its parameters are folded "
+                "into the weights only at export, so the trained forward would not be the saved "
+                "one. Fine-tune with it first, then quantize in a later stage."
+            )
         return None
 
     # targets ---------------------------------------------------------------------------------
@@ -289,6 +309,20 @@ class QuantizationModifier(TargetedModifier):
         )
 
     def on_initialize(self, session: LifecycleSession) -> None:
+        if session.run_type == "finetune":
+            if not hasattr(self, "_qat"):
+                raise RuntimeError(
+                    f"{self.type_name()} in a finetune stage is set up by session.prepare(), "
+                    "which must run before initialize"
+                )
+            return
+        self._resolve(session)
+        self._input_range: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._input_hooks: list[torch.utils.hooks.RemovableHandle] = []
+
+    def _resolve(self, session: LifecycleSession) -> dict[str, nn.Module]:
+        """Find the targeted modules (and a named head), check them, assign each its scheme;
+        returns the selected modules by full name."""
         layers_name, layers = find_decoder_layers(session.model)
         self._layers_name = layers_name
         self._targets: dict[int, dict[str, nn.Module]] = {}
@@ -332,8 +366,7 @@ class QuantizationModifier(TargetedModifier):
                 f"{later[0]} comes after {self.type_name()} in its stage and would change the "
                 "quantized weights; put the pruning modifier first"
             )
-        self._input_range: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._input_hooks: list[torch.utils.hooks.RemovableHandle] = []
+        return selected
 
     def _named_head(self, model: nn.Module) -> dict[str, nn.Module]:
         """The output head when a target is its exact name (never through a class or regex)."""
@@ -382,8 +415,91 @@ class QuantizationModifier(TargetedModifier):
             stored[group] = scheme.model_copy(update=update)
         return stored
 
+    # quantization-aware training (finetune stages) -------------------------------------------
+    def on_prepare(self, session: LifecycleSession) -> None:
+        """Finetune: fix each targeted weight's scale and zero point from the weights the stage
+        starts from, and make the module compute on fake-quantized values (`qat_linear`)."""
+        self._check_training_stage(session)
+        selected = self._resolve(session)
+        stored = checkpoint_qparams(session.model, list(self._assigned))
+        self._qat: dict[str, tuple[torch.Tensor, torch.Tensor, QuantizationScheme]] = {}
+        for name, module in selected.items():
+            if name not in self._assigned:
+                continue
+            scheme = self._stored[self._assigned[name][0]]
+            W = weight_matrix(module).detach()
+            with torch.no_grad():
+                scale, zero = observe_weight(W, scheme.weights, self.observer)
+                adopted = _on_grid(W, stored.get(name), scale, zero, scheme.weights)
+            if adopted is not None:
+                scale, zero = adopted
+            self._qat[name] = (scale, zero, scheme)
+            module.forward = _FakeQuantizedForward(module, scale, zero, scheme)
+            session.records[name].update(
+                quantization=describe_args(scheme.weights),
+                input_quantization=describe_args(scheme.input_activations),
+                quantization_algorithm="qat",
+                observer="checkpoint" if adopted is not None else self.observer,
+            )
+
+    def _check_training_stage(self, session: LifecycleSession) -> None:
+        """What a finetune stage cannot do with this modifier, as errors before training."""
+        where = f"{self.type_name()} in a finetune stage"
+        if self.algorithm == "gptq":
+            raise RecipeError(
+                f"{where} trains on fake-quantized weights and saves them rounded to the nearest "
+                "grid point; GPTQ needs calibration Hessians. Use algorithm: rtn here, and put a "
+                "GPTQ QuantizationModifier in a oneshot stage before it (its scales are kept)."
+            )
+        if self.static_inputs:
+            raise RecipeError(
+                f"{where}: static input scales (FP8, or dynamic: false) come from calibration, "
+                "which a finetune stage does not run. Train with a dynamic input scheme "
+                "(FP8_DYNAMIC, W8A8) or a weight-only one, or quantize statically in a oneshot "
+                "stage after training."
+            )
+        if self.start is not None or self.end not in (None, -1):
+            raise RecipeError(
+                f"{where} fake-quantizes for the whole stage; remove start/end (split the "
+                "training into two stages to quantize only the second part)."
+            )
+        adds = [m.type_name() for m in session.modifiers if m.adds_layer_parameters]
+        if adds:
+            raise RecipeError(
+                f"{where} cannot train beside {adds[0]}: its parameters are folded into the "
+                "weights only at export, so the trained forward would not be the saved one. "
+                "Fine-tune with it first, then quantize in a later stage."
+            )
+
+    def export_model(self, model: nn.Module) -> None:
+        """Finetune: round the trained weights of `model` (the plain model about to be saved)
+        on the scales fixed at the start and attach the compressed-tensors layout, so it is
+        saved quantized and computes what training computed."""
+        from compressed_tensors.quantization import QuantizationStatus
+
+        qat = getattr(self, "_qat", None)
+        if not qat:
+            return
+        modules = dict(model.named_modules())
+        with torch.no_grad():
+            for name, (scale, zero, scheme) in qat.items():
+                module = modules[name]
+                W = weight_matrix(module)
+                scale, zero = scale.to(W.device), zero.to(W.device)
+                Q = fake_quantize_weight(W.float(), scale, zero, scheme.weights).to(W.dtype)
+                attach_quantization(module, scheme, Q, scale, zero)
+                module.quantization_status = QuantizationStatus.FROZEN
+
+    def on_finalize(self, session: LifecycleSession) -> None:
+        for name in getattr(self, "_qat", {}):
+            module = session.model.get_submodule(name)
+            if isinstance(module.__dict__.get("forward"), _FakeQuantizedForward):
+                del module.forward  # back to nn.Linear.forward
+
     # wiring ----------------------------------------------------------------------------------
     def on_event(self, session: LifecycleSession, event: Event) -> None:
+        if session.run_type == "finetune":
+            return
         if event.type == EventType.CALIBRATION_END and self._head:
             for name, module in self._head.items():
                 self.quantize_module(session, name, module)
@@ -424,25 +540,16 @@ class QuantizationModifier(TargetedModifier):
         """Attach the scheme's parameters to `module` (compressed-tensors' layout), set them
         from the observer or GPTQ and the observed inputs, and replace W by Q(W)."""
         from compressed_tensors.quantization import QuantizationStatus
-        from compressed_tensors.quantization.lifecycle.initialize import (
-            initialize_module_for_quantization,
-        )
         from compressed_tensors.quantization.utils import calculate_qparams
 
         scheme = self._stored[self._assigned[name][0]]
         W = weight_matrix(module).clone()
-        # Parameters weight_scale / weight_zero_point / input_scale, and the forward that
-        # fake-quantizes the inputs (dynamic or static) and re-rounds W (a no-op once on grid).
-        initialize_module_for_quantization(module, scheme)
         if self.algorithm == "gptq":
             Q, scale, zero = self._gptq(session, module, W, scheme.weights)
         else:
             scale, zero = observe_weight(W, scheme.weights, self.observer)
             Q = fake_quantize_weight(W, scale, zero, scheme.weights)
-        module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-        if hasattr(module, "weight_zero_point"):
-            module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-        set_weight_matrix(module, Q)
+        attach_quantization(module, scheme, Q, scale, zero)
         if self._static_input(name):
             if module not in self._input_range:
                 raise ReciPruneError(
@@ -484,6 +591,101 @@ class QuantizationModifier(TargetedModifier):
             keep_mask=W != 0,
         )
         return Q, params.scale, params.zero_point
+
+
+@torch.no_grad()
+def attach_quantization(
+    module: nn.Module, scheme: QuantizationScheme, Q: torch.Tensor, scale: torch.Tensor,
+    zero: torch.Tensor,
+) -> None:
+    """Give `module` compressed-tensors' quantization layout for `scheme` (parameters
+    weight_scale / weight_zero_point / input_scale, and the forward that fake-quantizes the
+    inputs and re-rounds W, a no-op once on the grid), set its scale and zero point, and replace
+    its weight by Q (already on that grid). The status is left at initialized: the caller sets
+    static input scales, then FROZEN."""
+    from compressed_tensors.quantization.lifecycle.initialize import (
+        initialize_module_for_quantization,
+    )
+
+    initialize_module_for_quantization(module, scheme)
+    module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
+    if hasattr(module, "weight_zero_point"):
+        module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
+    set_weight_matrix(module, Q)
+
+
+class _FakeQuantizedForward:
+    """A Linear's forward during quantization-aware training: `qat_linear` on its own weight
+    (the full tensor under FSDP2, which gathers the layer's parameters before its forward), so
+    parameter names and state dicts stay those of the plain model."""
+
+    def __init__(
+        self, module: nn.Module, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantizationScheme
+    ) -> None:
+        self.module, self.scale, self.zero = module, scale, zero
+        self.weights, self.inputs = scheme.weights, scheme.input_activations
+
+    def __call__(self, input: torch.Tensor) -> torch.Tensor:
+        module = self.module
+        return qat_linear(
+            input, module.weight, module.bias, self.scale, self.zero, self.weights, self.inputs
+        )
+
+
+def _on_grid(
+    W: torch.Tensor,
+    stored: tuple[torch.Tensor, torch.Tensor | None] | None,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    args: QuantizationArgs,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The stored (scale, zero point), shaped like the observer's, when W lies exactly on their
+    grid (it is the previous stage's quantized output); else None."""
+    if stored is None or stored[0].numel() != scale.numel():
+        return None
+    stored_scale = stored[0].to(scale.device, scale.dtype).reshape(scale.shape)
+    if stored[1] is None:
+        stored_zero = torch.zeros_like(zero)
+    elif stored[1].numel() == zero.numel():
+        stored_zero = stored[1].to(zero.device, zero.dtype).reshape(zero.shape)
+    else:
+        return None  # e.g. zero points packed 8 to an int32 by another tool
+    if not torch.equal(fake_quantize_weight(W, stored_scale, stored_zero, args), W):
+        return None
+    return stored_scale, stored_zero
+
+
+def checkpoint_qparams(
+    model: nn.Module, names: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
+    """Module name → (weight_scale, weight_zero_point or None) stored in the compressed-tensors
+    checkpoint `model` was loaded from (its `name_or_path` folder); {} for any other model.
+
+    A finetune stage loads the previous stage's checkpoint dequantized (plain float weights, see
+    `reciprune.models.load_model`), which drops these: read back, they let quantization-aware
+    training continue on the very grid a oneshot GPTQ stage chose, where re-observing the
+    rounded weights would give other scales and round every weight again.
+    """
+    folder = Path(str(getattr(model, "name_or_path", "") or ""))
+    config = folder / "config.json"
+    if not names or not config.is_file():
+        return {}
+    quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
+    if quantization.get("quant_method") != "compressed-tensors":
+        return {}
+    from safetensors import safe_open
+
+    wanted = {f"{n}.{part}" for n in names for part in ("weight_scale", "weight_zero_point")}
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as handle:
+            for key in wanted.intersection(handle.keys()):
+                tensors[key] = handle.get_tensor(key)
+    return {
+        n: (tensors[f"{n}.weight_scale"], tensors.get(f"{n}.weight_zero_point"))
+        for n in names
+        if f"{n}.weight_scale" in tensors
+    }
 
 
 class _Grid:

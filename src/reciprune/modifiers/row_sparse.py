@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from reciprune.algorithms.nf4 import quant_residual
 from reciprune.algorithms.row_importance import (
     add_row_delta,
     base_zero_mask,
@@ -58,6 +59,13 @@ class RowSparseFinetuneModifier(TargetedModifier):
     row_sparse_deltas.safetensors. With `mask_base_zeros`, ΔW is masked by W[R] ≠ 0 in the
     forward pass and the merge, so a sparse base stays exactly as sparse.
 
+    With a 4-bit base (`load_in_4bit`), `init: quant_residual` starts ΔW from the base's
+    quantization error instead of zeros (LoftQ-style, Li et al. 2024): after the rows are
+    chosen on the full-precision weights, each module alternates Q = NF4(W − S_R ΔW) and
+    ΔW = (W − Q)[R] (`residual_iters` times, keeping the best pair), its frozen weight becomes
+    Q and ΔW starts from the residual, so the chosen rows start at W's values and only the other
+    rows carry the 4-bit error (see `reciprune.algorithms.nf4.quant_residual`).
+
     The LM head, embeddings and norms are never targets (only Linears inside decoder layers
     are); query/key/value projections only with `finetune_attn_as_linear`. The reference
     spreads its ZO perturbations over separate slices of the training data; here every
@@ -91,10 +99,15 @@ class RowSparseFinetuneModifier(TargetedModifier):
     param_dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="Storage dtype of the trainable deltas."
     )
-    init: Literal["zeros", "kaiming"] = Field(
+    init: Literal["zeros", "kaiming", "quant_residual"] = Field(
         "zeros",
         description="ΔW at step 0: zeros keeps the model's function; kaiming (uniform, "
-        "a=√5) is the reference's choice.",
+        "a=√5) is the reference's choice; quant_residual (needs a 4-bit base, load_in_4bit) "
+        "alternates Q = NF4(W − S_R ΔW), ΔW = (W − Q)[R] so that the NF4 base plus ΔW "
+        "matches W on the chosen rows (LoftQ-style).",
+    )
+    residual_iters: int = Field(
+        5, ge=1, description="init quant_residual: alternations of NF4 and the row residual."
     )
     mask_base_zeros: bool | None = Field(
         None,
@@ -124,6 +137,11 @@ class RowSparseFinetuneModifier(TargetedModifier):
     def _dtype_alias(cls, value: Any) -> Any:
         return _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
 
+    @property
+    def needs_4bit_base(self) -> bool:
+        """Whether the stage must run with a 4-bit base (`init: quant_residual`)."""
+        return self.init == "quant_residual"
+
     @model_validator(mode="after")
     def _rank_or_ratio(self) -> RowSparseFinetuneModifier:
         if (self.finetuning_rank is None) == (self.finetuning_ratio is None):
@@ -143,10 +161,14 @@ class RowSparseFinetuneModifier(TargetedModifier):
         self._mask = self._masking(session)
         for param in session.model.parameters():
             param.requires_grad_(False)
+        backend = self._residual_backend(session)
         scores = self._scores(session)
         for index, (name, module) in enumerate(self._modules.items()):
             rows = _same_on_every_process(top_rows(scores[name], counts[name]))
-            self._add_delta(session, module, rows, index)
+            delta = None
+            if backend is not None:
+                delta = self._quant_residual(session, name, module, rows, backend)
+            self._add_delta(session, module, rows, index, delta)
             session.records[name].update(
                 method=self.type_name(),
                 importance=self.importance,
@@ -154,6 +176,46 @@ class RowSparseFinetuneModifier(TargetedModifier):
                 rows=int(weight_matrix(module).shape[0]),
                 mask_base_zeros=self._mask,
             )
+
+    def _residual_backend(self, session: LifecycleSession) -> Any:
+        if self.init != "quant_residual":
+            return None
+        backend = getattr(session, "base_quantization", None)
+        if backend is None:
+            raise ReciPruneError(
+                f"{self.type_name()} with init: quant_residual fits its deltas to the error of "
+                "a 4-bit base, and this run has none. Pass --load-in-4bit (or set "
+                "'load_in_4bit: true' under the stage's 'training:'), or use init: zeros."
+            )
+        conv1d = [n for n, m in self._modules.items() if not isinstance(m, nn.Linear)]
+        if conv1d:
+            raise ReciPruneError(
+                f"{self.type_name()}: init quant_residual needs nn.Linear modules (the 4-bit "
+                f"base stores those), and {conv1d[0]} is a {type(self._modules[conv1d[0]]).__name__}. "
+                "Use init: zeros for this model."
+            )
+        return backend
+
+    def _quant_residual(
+        self, session: LifecycleSession, name: str, module: nn.Module, rows: torch.Tensor,
+        backend: Any,
+    ) -> torch.Tensor:
+        """Store `module`'s weight as the quant-residual Q (NF4) and return ΔW to start from."""
+        from reciprune.core.nf4_base import quantize_linear
+
+        result = quant_residual(
+            module.weight.detach(), rows, self.residual_iters,
+            delta_dtype=getattr(torch, self.param_dtype),
+            quantize=backend.quantize, dequantize=backend.dequantize,
+        )  # fmt: skip
+        quantize_linear(module, backend, result.q)
+        session.records[name].update(
+            quant_residual_error_nf4=result.errors[0],
+            quant_residual_error=min(result.errors[1:]),
+            quant_residual_row_error_nf4=result.row_errors[0],
+            quant_residual_iterations=len(result.errors) - 1,
+        )
+        return result.delta
 
     def on_initialize(self, session: LifecycleSession) -> None:
         # Targets were resolved in on_prepare, before FSDP wrapped the layers.
@@ -257,14 +319,17 @@ class RowSparseFinetuneModifier(TargetedModifier):
                 weight.requires_grad_(False)
 
     def _add_delta(
-        self, session: LifecycleSession, module: nn.Module, rows: torch.Tensor, index: int
+        self, session: LifecycleSession, module: nn.Module, rows: torch.Tensor, index: int,
+        initial: torch.Tensor | None = None,
     ) -> None:
         weight = module.weight
         d_in = int(weight_matrix(module).shape[1])
         delta = torch.zeros(
             rows.numel(), d_in, dtype=getattr(torch, self.param_dtype), device=weight.device
         )
-        if self.init == "kaiming":
+        if initial is not None:
+            delta.copy_(initial)
+        elif self.init == "kaiming":
             generator = torch.Generator(device=weight.device).manual_seed(self.seed + index)
             nn.init.kaiming_uniform_(delta, a=math.sqrt(5), generator=generator)
         module.register_parameter(DELTA, nn.Parameter(delta))

@@ -127,6 +127,27 @@ def accumulation_steps(config: TrainingConfig, world_size: int) -> int:
     return config.global_batch_size // per_step
 
 
+def check_4bit_base(config: TrainingConfig, stage: Stage | None, world_size: int) -> None:
+    """Clear errors, before weights load or workers start, for a 4-bit base on several
+    processes and for modifiers that need a 4-bit base without one."""
+    if config.load_in_4bit and world_size > 1:
+        raise ReciPruneError(
+            f"--load-in-4bit with {world_size} processes: the 4-bit (NF4) base is not sharded "
+            "with FSDP. Run the stage on one process (drop --nproc-per-node, or use "
+            "--nproc-per-node 1); the 4-bit base is what makes a model fit on one device."
+        )
+    if stage is None or config.load_in_4bit:
+        return
+    for modifier in stage.modifiers:
+        if getattr(modifier, "needs_4bit_base", False):
+            raise ReciPruneError(
+                f"stage {stage.name!r}: {modifier.type_name()} with init: quant_residual "
+                "fits its deltas to the error of a 4-bit base, and this run has none. Pass "
+                "--load-in-4bit (or set 'load_in_4bit: true' under the stage's 'training:'), or "
+                "use init: zeros."
+            )
+
+
 def plan_batches(config: TrainingConfig, num_examples: int, world_size: int) -> BatchPlan:
     """The batch plan, with a clear error when the numbers do not fit together."""
     per_device = config.per_device_train_batch_size

@@ -15,8 +15,10 @@ from reciprune.data.calibration import DEFAULT_DATASET, load_calibration, load_e
 from reciprune.errors import ReciPruneError
 from reciprune.evaluation.perplexity import perplexity
 from reciprune.export import build_manifest, layer_sparsity_report, save_checkpoint, sparsity_config
+from reciprune.export.manifest import job_invocation
 from reciprune.export.save import check_output_dir
 from reciprune.models import load_model, resolve_model
+from reciprune.modifiers.constant import ConstantPruningModifier
 from reciprune.modifiers.pruning import PruningModifier
 from reciprune.pipelines.oneshot import run_oneshot
 from reciprune.recipe import Recipe
@@ -122,6 +124,7 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
         extra={
             "run_type": "oneshot",
             "stages": [s.name for s in job.recipe.stages],
+            "invocation": job_invocation(job),
             "calibration": {
                 "dataset": job.dataset,
                 "num_samples": job.num_calibration_samples if needs_data else 0,
@@ -189,6 +192,7 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     from reciprune.pipelines.finetune import (
         Trainer,
         causal_lm_loss,
+        check_4bit_base,
         checkpoint_root,
         finetune_stage_session,
         frozen_copy,
@@ -213,6 +217,14 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
         raise ReciPruneError(
             f"--distill-teacher {config.distill_teacher}: 'stage:NAME' names the output of an "
             "earlier stage and only works in `reciprune run`. Pass that stage's output folder."
+        )
+    check_4bit_base(config, job.stage, D.world_size())
+    base_backend = None
+    if config.load_in_4bit:  # an unusable backend fails here, before any weights load
+        from reciprune.core.nf4_base import select_backend
+
+        base_backend = select_backend(
+            config.quant_backend, device, double_quant=config.bnb_4bit_use_double_quant
         )
     checkpoints = checkpoint_root(output_dir)
     resume_from = None
@@ -248,7 +260,10 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     # Rank 0 loads first: a first load of the embedded model fills the conversion cache.
     if not D.is_main_process():
         D.barrier()
-    model, tokenizer, source = load_model(source.spec, trust_remote_code=job.trust_remote_code)
+    # dequantize: a quantized checkpoint (an earlier stage's) trains as float weights.
+    model, tokenizer, source = load_model(
+        source.spec, trust_remote_code=job.trust_remote_code, dequantize=True
+    )
     teacher = None
     if teacher_source is not None:
         teacher, _, teacher_source = load_model(
@@ -317,7 +332,15 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
         model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
         batch["labels"],
     )[0]
+    session.base_quantization = base_backend
     session.prepare()
+    base_quantization = None
+    if base_backend is not None:
+        from reciprune.core.nf4_base import quantize_base
+
+        # After on_prepare: the modifiers scored and chose on the full-precision weights, and
+        # what they made trainable stays in full precision.
+        base_quantization = quantize_base(model, base_backend)
     if D.is_distributed():
         shard_model(model, compute_dtype)
         if teacher is not None:
@@ -359,7 +382,7 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
             timings["eval_after"] = time.perf_counter() - t0
         _save_finetuned(
             job, plain, tokenizer, source, teacher_source, data, result, metrics, timings,
-            extra_files,
+            extra_files, base_quantization,
         )
     D.barrier()
     if D.is_main_process():
@@ -422,6 +445,9 @@ def _gather_plain_model(
         state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
     if not D.is_main_process():
         return None, {}
+    from reciprune.core.nf4_base import dequantize_state
+
+    state = dequantize_state(state, model)  # a 4-bit base: its NF4 values, as plain weights
     from transformers import AutoModelForCausalLM
 
     files: dict[str, bytes] = {}
@@ -441,6 +467,8 @@ def _gather_plain_model(
             "please report it with the recipe."
         )
     plain.tie_weights()
+    for modifier in session.modifiers:
+        modifier.export_model(plain)
     return plain, files
 
 
@@ -454,14 +482,17 @@ def _is_tied(model: torch.nn.Module, name: str) -> bool:
 
 
 def _save_finetuned(
-    job, model, tokenizer, source, teacher_source, data, result, metrics, timings, extra_files
+    job, model, tokenizer, source, teacher_source, data, result, metrics, timings, extra_files,
+    base_quantization=None,
 ):
     from reciprune.evaluation.report import loss_curve_png
 
     layers = layer_sparsity_report(model)
     sparse = {name: info for name, info in layers.items() if info["sparsity"] > 0}
     config = None
-    if sparse:
+    # Only a held mask makes the zeros a property of the checkpoint: rounding (QAT, an NF4 base)
+    # or training also leave a few exact zeros, which are no sparsity to advertise.
+    if sparse and any(isinstance(m, ConstantPruningModifier) for m in job.stage.modifiers):
         patterns = {info["nm"] for info in sparse.values()}
         structure = next(iter(patterns)) if len(patterns) == 1 and None not in patterns else (
             "unstructured"
@@ -481,12 +512,14 @@ def _save_finetuned(
         extra={
             "run_type": "finetune",
             "stages": [job.stage.name],
+            "invocation": job_invocation(job, world_size=_world_size()),
             "training": job.training.model_dump(mode="json"),
             "world_size": _world_size(),
             "teacher": None if teacher_source is None else asdict(teacher_source),
             "data": {"source": data.source, "format": data.format, "examples": len(data)},
             "loss_curve": result.history,
             "eval_curve": result.evals,
+            "base_quantization": base_quantization,
         },
     )
     save_checkpoint(

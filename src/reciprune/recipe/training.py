@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class TrainingConfig(BaseModel):
@@ -83,6 +83,34 @@ class TrainingConfig(BaseModel):
         "in `reciprune finetune` the same as 'self'), or in `reciprune run` 'stage:NAME' (that "
         "stage's output).",
     )
+
+    load_in_4bit: bool = Field(
+        False,
+        description="QLoRA-style 4-bit base: store the frozen Linear weights of the decoder "
+        "layers as NF4 (blocks of 64 with an absmax each) while adapters or deltas train in "
+        "full precision; the checkpoint saved is the dequantized base with them merged. One "
+        "process only.",
+    )
+    bnb_4bit_use_double_quant: bool = Field(
+        False,
+        description="With load_in_4bit: also quantize the block constants to 8 bits (QLoRA's "
+        "double quantization).",
+    )
+    quant_backend: Literal["auto", "bitsandbytes", "reciprune"] = Field(
+        "auto",
+        description="With load_in_4bit, who computes NF4: bitsandbytes, reciprune (its own "
+        "torch NF4, the same values) or auto (bitsandbytes when it runs here, else reciprune).",
+    )
+
+    @field_validator("bnb_4bit_use_double_quant", "quant_backend")
+    @classmethod
+    def _needs_4bit(cls, value: object, info: ValidationInfo) -> object:
+        if value not in (False, "auto") and not info.data.get("load_in_4bit"):
+            raise ValueError(
+                f"{info.field_name}={value} only applies to a 4-bit base: add load_in_4bit "
+                "(--load-in-4bit), or drop it"
+            )
+        return value
 
     @model_validator(mode="after")
     def _check(self) -> TrainingConfig:
