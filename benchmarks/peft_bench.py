@@ -1,8 +1,9 @@
 """Sparse parameter-efficient fine-tuning vs LoRA: memory, step time and held-out loss (issue 5).
 
 Each row is one real `reciprune finetune --recipe R` command in a subprocess (1 process, CPU
-float32 unless a GPU is present), for the four recipes of recipes/peft_smollm2/ on the packaged
-ASDiv math word problems (question/answer, loss on the answer tokens, 32 problems held out):
+float32 unless a GPU is present), for the four SmolLM2 recipes (recipes/ist/smollm2_lora_asdiv.yaml
+and recipes/{row_sparse,spiel,ist}/smollm2_asdiv.yaml) on the packaged ASDiv math word problems
+(question/answer, loss on the answer tokens, 32 problems held out):
 "lora" (PEFT LoRA r=8 on q/k/v/o/gate/up/down), "rowsparse" (RowSparseFinetuneModifier, ZO-Taylor
 rows, q/k/v included), "spiel" (SparseDeltaModifier, SpIEL-AG drop-and-grow) and "ist_lora"
 (ISTModifier on the same LoRA). The recipes give them equal trainable-parameter budgets on
@@ -64,10 +65,10 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {
-    "lora": REPO / "recipes" / "peft_smollm2" / "lora_asdiv.yaml",
-    "rowsparse": REPO / "recipes" / "peft_smollm2" / "rowsparse_asdiv.yaml",
-    "spiel": REPO / "recipes" / "peft_smollm2" / "spiel_asdiv.yaml",
-    "ist_lora": REPO / "recipes" / "peft_smollm2" / "ist_lora_asdiv.yaml",
+    "lora": REPO / "recipes" / "ist" / "smollm2_lora_asdiv.yaml",
+    "rowsparse": REPO / "recipes" / "row_sparse" / "smollm2_asdiv.yaml",
+    "spiel": REPO / "recipes" / "spiel" / "smollm2_asdiv.yaml",
+    "ist_lora": REPO / "recipes" / "ist" / "smollm2_asdiv.yaml",
 }
 MODELS = ["smollm2", "tiny"]
 QUICK_STEPS = 12  # passes SpIEL's first reselection (after step 5) and IST's first update (10)

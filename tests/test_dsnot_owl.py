@@ -12,7 +12,7 @@ from reciprune.modifiers import DSnoTModifier, WandaModifier
 from reciprune.pipelines.oneshot import run_oneshot
 from reciprune.recipe import load_recipe
 
-SEED_OWL = Path(__file__).resolve().parents[1] / "recipes" / "seed" / "owl_sparsegpt_50.yaml"
+SEED_OWL = Path(__file__).resolve().parents[1] / "recipes" / "owl" / "seed_owl_sparsegpt_50.yaml"
 
 
 def _batches(vocab: int, samples: int = 6, length: int = 24):

@@ -33,11 +33,28 @@ def _ids(paths: list[Path]) -> list[str]:
     return [str(p.relative_to(REPO / "recipes")) for p in paths]
 
 
+#: One folder per seed method: paper-scale recipe(s), SCALE.md and a SmolLM2 twin (smollm2*.yaml).
+METHOD_FOLDERS = ("sparse_llama2_7b_gsm8k", "dsnot", "owl", "ist", "row_sparse", "spiel")
+
+
 def test_there_are_recipes_for_each_seed_method() -> None:
     names = set(_ids(RECIPES))
     assert "sparse_llama2_7b_gsm8k/pipeline.yaml" in names
-    assert "sparse_llama2_7b_gsm8k/smollm2_asdiv.yaml" in names
-    assert (REPO / "recipes" / "sparse_llama2_7b_gsm8k" / "SCALE.md").is_file()
+    for method in METHOD_FOLDERS:
+        folder = REPO / "recipes" / method
+        recipes = sorted(p.name for p in folder.glob("*.yaml"))
+        twins = [n for n in recipes if n.startswith("smollm2")]
+        assert twins, f"recipes/{method}/ has no small-scale twin (smollm2*.yaml)"
+        assert set(recipes) - set(twins), f"recipes/{method}/ has no paper-scale recipe"
+        scale = (folder / "SCALE.md").read_text(encoding="utf-8")
+        assert "Published numbers" in scale, f"recipes/{method}/SCALE.md lacks published numbers"
+        for name in recipes:  # every recipe of the folder is described in its SCALE.md
+            assert name in scale, f"recipes/{method}/SCALE.md does not mention {name}"
+
+
+def test_row_sparse_has_its_quantized_base_variant() -> None:
+    folder = REPO / "recipes" / "row_sparse"
+    assert list(folder.glob("*4bit_residual.yaml*")), "the quantized-base recipe is missing"
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=_ids(RECIPES))

@@ -3,7 +3,9 @@
 Stage `S` writes `OUTPUT_DIR/S/`, a complete Hugging Face checkpoint with its own recipe.yaml and
 manifest; the next stage loads it. Oneshot stages calibrate in this process; finetune stages
 train in this process, or under torchrun when `nproc_per_node` is given. `run.json` in
-OUTPUT_DIR lists the stages, their folders and metrics once all are done.
+OUTPUT_DIR lists the stages, their folders and metrics once all are done, and
+OUTPUT_DIR/reciprune_manifest.json records the run itself (recipe, options, model and data
+fingerprints, timings, every stage's metrics) so `reciprune run --from-manifest` can repeat it.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from reciprune.data.calibration import DEFAULT_DATASET
 from reciprune.errors import ReciPruneError
+from reciprune.export.manifest import build_manifest, job_invocation
 from reciprune.export.save import MANIFEST_FILE
-from reciprune.models import DEFAULT_MODEL
+from reciprune.models import DEFAULT_MODEL, resolve_model
 from reciprune.recipe import Recipe
 from reciprune.recipe.schema import Stage
 from reciprune.recipe.training import TrainingConfig
@@ -107,6 +111,8 @@ def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
 
     job.output_dir = Path(job.output_dir).expanduser().absolute()
     _check_output(job)
+    source = resolve_model(job.model)  # a bad --model fails here, before any stage starts
+    started = time.perf_counter()
     # Teacher references and training arguments are checked before the first stage starts.
     trainings = {
         s.name: _training_for(job, s) for s in job.recipe.stages if s.run_type == "finetune"
@@ -115,8 +121,10 @@ def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
     (job.output_dir / RECIPE_COPY).write_text(job.recipe.to_yaml(), encoding="utf-8")
     model = job.model
     summary: list[dict] = []
+    timings: dict[str, float] = {}
     for stage in job.recipe.stages:
         folder = job.output_dir / stage.name
+        stage_started = time.perf_counter()
         if job.resume and _complete(folder):
             summary.append({"stage": stage.name, "folder": str(folder), "skipped": True})
             model = str(folder)
@@ -164,9 +172,45 @@ def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
             )
             metrics = result["metrics"]
         summary.append({"stage": stage.name, "folder": str(folder), "metrics": metrics})
+        timings[stage.name] = time.perf_counter() - stage_started
         model = str(folder)
         yield stage.name, folder
+    timings["total"] = time.perf_counter() - started
     _write_json(job.output_dir / RUN_FILE, {"stages": summary, "final": model})
+    _write_json(job.output_dir / MANIFEST_FILE, _run_manifest(job, source, timings))
+
+
+def _run_manifest(job: RunJob, source, timings: dict[str, float]) -> dict:
+    """The run's own manifest: what `reciprune run` was asked to do, and each stage's record
+    (read back from the stage folders, which stay the full per-stage manifests)."""
+    stages = {}
+    for stage in job.recipe.stages:
+        record = json.loads((job.output_dir / stage.name / MANIFEST_FILE).read_text("utf-8"))
+        stages[stage.name] = {
+            "folder": stage.name,
+            "run_type": stage.run_type,
+            "recipe_sha256": record.get("recipe_sha256"),
+            "model": record.get("model"),
+            "data_fingerprint": record.get("data_fingerprint"),
+            "seed": record.get("seed"),
+            "metrics": record.get("metrics", {}),
+        }
+    return build_manifest(
+        recipe_yaml=job.recipe.to_yaml(),
+        model_source=source,
+        data_fingerprint={name: s["data_fingerprint"] for name, s in stages.items()},
+        seed=job.seed,
+        metrics={name: s["metrics"] for name, s in stages.items()},
+        timings=timings,
+        layers={},  # per-module records live in each stage folder's manifest
+        extra={
+            "run_type": "run",
+            "stages": list(stages),
+            "stage_records": stages,
+            "final": job.recipe.stage_names[-1],
+            "invocation": job_invocation(job),
+        },
+    )
 
 
 def _finetune_under_torchrun(
