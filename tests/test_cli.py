@@ -11,26 +11,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from reciprune.cli import build_parser, main
-from reciprune.data.embedded import embedded_calibration_texts, embedded_heldout_texts
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "recipes"
-
-
-@pytest.fixture
-def tiny_model_dir(tmp_path, tiny_llama, tiny_tokenizer) -> Path:
-    folder = tmp_path / "tiny-llama"
-    tiny_llama(num_hidden_layers=2).save_pretrained(folder)
-    tiny_tokenizer.save_pretrained(folder)
-    return folder
-
-
-@pytest.fixture
-def text_files(tmp_path) -> tuple[Path, Path]:
-    calibration, heldout = tmp_path / "calib.txt", tmp_path / "heldout.txt"
-    calibration.write_text("\n\n".join(embedded_calibration_texts()[:60]))
-    heldout.write_text("\n\n".join(embedded_heldout_texts()[:20]))
-    return calibration, heldout
 
 
 def _oneshot_args(recipe: Path, model: Path, data: tuple[Path, Path], out: Path) -> list[str]:

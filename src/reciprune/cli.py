@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import json
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -19,6 +19,8 @@ EPILOG = """examples:
   reciprune run --recipe recipes/sparse_llama2_7b_gsm8k/smollm2_asdiv.yaml --output-dir out/run
   reciprune recipe check recipes/quickstart/sparsegpt_50.yaml
   reciprune eval --model out/sgpt50 --ppl
+  reciprune eval --model out/sgpt50 --tasks piqa,boolq,asdiv --limit 200 --save-results
+  reciprune compare out/dense out/sgpt50
   reciprune modifiers
 Without --model and --dataset, the embedded SmolLM2-135M-Instruct model and the embedded
 Wikipedia passages (BoolQ) are used, so every command works offline."""
@@ -40,6 +42,10 @@ def _add_recipe_args(
             help="Recipe YAML file (SparseML or explicit form). Without one the model is "
             "fine-tuned dense, with no modifier.",
         )
+    _add_override_args(parser)
+
+
+def _add_override_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--set",
         dest="overrides",
@@ -224,12 +230,36 @@ def build_parser() -> argparse.ArgumentParser:
         description="Execute all stages in order: oneshot stages by layer-wise calibration, "
         "finetune stages by training. Stage S writes OUTPUT_DIR/S/, a complete checkpoint that "
         "the next stage loads; the last one is the final model. A distillation teacher "
-        "'stage:NAME' is that stage's output.",
+        "'stage:NAME' is that stage's output. With --from-manifest it runs again what an "
+        "earlier output's manifest records.",
     )
-    _add_recipe_args(run)
+    run_source = run.add_mutually_exclusive_group(required=True)
+    run_source.add_argument("--recipe", help="Recipe YAML file (SparseML or explicit form).")
+    run_source.add_argument(
+        "--from-manifest",
+        default=None,
+        metavar="MANIFEST",
+        help="Re-run what the reciprune_manifest.json of an earlier `oneshot`, `finetune` or "
+        "`run` output (or its folder) records: the same recipe (its text in the manifest, or "
+        "recipe.yaml beside it, checked against the recorded hash), model, data, calibration, "
+        "training arguments, seed and evaluation options, into --output-dir. Stops before "
+        "loading weights if the manifest lacks any of these or the model has changed since. "
+        "Only --output-dir, --overwrite, --resume, --no-progress, --trust-remote-code and "
+        "--allow-model-change may be given with it.",
+    )
+    _add_override_args(run)
     _add_model_args(run)
     run.add_argument(
-        "--output-dir", required=True, help="Folder that receives one sub-folder per stage."
+        "--allow-model-change",
+        action="store_true",
+        help="With --from-manifest: run even if the model (or teacher) no longer has the "
+        "fingerprint the manifest records (the result may then differ).",
+    )
+    run.add_argument(
+        "--output-dir",
+        required=True,
+        help="Folder that receives one sub-folder per stage (re-running a oneshot or finetune "
+        "manifest: the output folder itself, laid out as that command writes it).",
     )
     run.add_argument(
         "--dataset",
@@ -272,19 +302,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = sub.add_parser(
         "eval",
-        help="Evaluate a saved model (perplexity).",
-        description="Evaluate a saved model: perplexity on a text file or the embedded held-out "
-        "passages.",
+        help="Evaluate a saved model: perplexity, lm-eval tasks, math, MT-Bench answers.",
+        description="Evaluate a saved model exactly as saved (sparse and quantized checkpoints "
+        "included): perplexity on a text file or the embedded held-out passages; lm-eval tasks "
+        "through its Python API, including reciprune's local tasks on packaged data (no "
+        "download); ASDiv math exact match and gold-answer likelihood; MT-Bench answer "
+        "generation. Prints a table; --output writes JSON.",
+        epilog="Local tasks (packaged data, no download): piqa, siqa, openbookqa, commonsenseqa, "
+        "boolq, mmlu, logiqa (multiple choice: acc, acc_norm), asdiv (generation exact_match + "
+        "answer_nll), asdiv_nll (answer_nll only). A bare name means the local task; "
+        "lm_eval:NAME forces lm-eval's registry task (e.g. lm_eval:piqa), and any other name "
+        "(hellaswag, gsm8k, ...) is an lm-eval registry task, which needs network or a cache. "
+        "Without --tasks or --mt-bench-questions, perplexity on the embedded passages is measured.",
     )
     _add_model_args(evaluate)
     evaluate.add_argument(
         "--ppl",
         nargs="?",
         const="embedded",
-        default="embedded",
+        default=None,
         metavar="FILE",
         help="Perplexity on FILE (.txt/.jsonl/.json/.parquet), or on the embedded held-out "
-        "passages when no FILE is given (default).",
+        "passages when no FILE is given (the default when no --tasks or --mt-bench-questions).",
     )
     evaluate.add_argument(
         "--max-seq-length", type=int, default=512, help="Window length in tokens (default 512)."
@@ -292,9 +331,93 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument(
         "--ppl-samples", type=int, default=16, help="Windows scored (default 16)."
     )
+    evaluate.add_argument(
+        "--tasks",
+        default=None,
+        metavar="LIST",
+        help="Comma-separated tasks, e.g. piqa,siqa,openbookqa,boolq,asdiv (local, no download) "
+        "or lm-eval registry names (lm_eval:piqa, hellaswag, ...). See the list below.",
+    )
+    evaluate.add_argument(
+        "--limit",
+        type=float,
+        default=None,
+        metavar="N",
+        help="Evaluate only the first N documents of each task (a value below 1: that "
+        "fraction); also caps the MT-Bench questions. Default: all.",
+    )
+    evaluate.add_argument(
+        "--num-fewshot",
+        type=int,
+        default=None,
+        metavar="K",
+        help="Examples in each prompt (default: 0 for local tasks, the task's own default for "
+        "registry tasks). Local examples come from a part of the data that is never scored.",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, default=8, help="Sequences per forward pass (default 8)."
+    )
+    evaluate.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        metavar="N",
+        help="Most tokens generated per answer (default: 128 for asdiv, 512 for MT-Bench).",
+    )
+    evaluate.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="Format lm-eval task prompts with the tokenizer's chat template (off by default, "
+        "as lm-eval).",
+    )
+    evaluate.add_argument(
+        "--mt-bench-questions",
+        default=None,
+        metavar="FILE",
+        help="Answer the questions of this FastChat-format JSONL file ({question_id, category, "
+        "turns}) turn by turn with the chat template, greedily.",
+    )
+    evaluate.add_argument(
+        "--mt-bench-answers",
+        default=None,
+        metavar="FILE",
+        help="Where to write the MT-Bench answers JSONL (FastChat judge format; default "
+        "model_answer/MODEL_ID.jsonl).",
+    )
+    evaluate.add_argument(
+        "--model-id",
+        default=None,
+        help="Name of the model in MT-Bench answers (default: the model folder's name).",
+    )
+    evaluate.add_argument(
+        "--seed", type=int, default=1234, help="Seed for few-shot sampling (default 1234)."
+    )
     evaluate.add_argument("--output", default=None, help="Also write the results to this JSON file.")
     evaluate.add_argument(
-        "--no-progress", action="store_true", help="Hide progress bars (e.g. in CI logs)."
+        "--save-results",
+        action="store_true",
+        help="Also merge the results into MODEL/eval_results.json (a local model folder), where "
+        "`reciprune compare` finds them; tasks evaluated again replace their old entry.",
+    )
+    evaluate.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="Hide reciprune's progress bars (e.g. in CI logs); lm-eval still prints its own.",
+    )
+
+    compare = sub.add_parser(
+        "compare",
+        help="Print saved models side by side: manifests and evaluation results.",
+        description="Print a side-by-side table of model folders: model source, run type, recipe "
+        "hash, sparsity, perplexity and loss metrics from reciprune_manifest.json, weight file "
+        "size, and every task metric in eval_results.json (written by `reciprune eval "
+        "--save-results`). A results JSON file from `reciprune eval --output` may be passed too.",
+    )
+    compare.add_argument(
+        "dirs", nargs="+", metavar="DIR", help="Model folders (or eval results JSON files)."
+    )
+    compare.add_argument(
+        "--markdown", action="store_true", help="Print a Markdown table (e.g. for a README)."
     )
 
     report = sub.add_parser(
@@ -388,27 +511,58 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from reciprune.data.calibration import load_eval_texts
-    from reciprune.evaluation.perplexity import perplexity
-    from reciprune.models import load_model
+    from reciprune.evaluation.harness import evaluate_model, merge_into_model_dir, results_table
+    from reciprune.evaluation.harness import write_json as write_results
 
-    texts = load_eval_texts(None if args.ppl == "embedded" else args.ppl)
-    model, tokenizer, source = load_model(args.model, trust_remote_code=args.trust_remote_code)
-    result = perplexity(
-        model,
-        tokenizer,
-        texts,
+    for flag in ("max_seq_length", "ppl_samples", "batch_size", "max_new_tokens"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ReciPruneError(f"--{flag.replace('_', '-')} must be a positive integer")
+    if args.save_results and not (args.model and Path(args.model).is_dir()):
+        raise ReciPruneError(
+            "--save-results writes MODEL/eval_results.json, so --model must be a local model "
+            "folder; use --output FILE for other models."
+        )
+    ppl = args.ppl
+    if ppl is None and not args.tasks and not args.mt_bench_questions:
+        ppl = "embedded"  # `reciprune eval --model M` alone measures perplexity, as it always did
+    report = evaluate_model(
+        args.model,
+        tasks=args.tasks or (),
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        apply_chat_template=args.apply_chat_template,
+        ppl=ppl,
+        ppl_samples=args.ppl_samples,
         max_seq_length=args.max_seq_length,
-        max_samples=args.ppl_samples,
+        seed=args.seed,
+        mt_bench_questions=args.mt_bench_questions,
+        mt_bench_answers=args.mt_bench_answers,
+        model_id=args.model_id,
+        trust_remote_code=args.trust_remote_code,
         progress=not args.no_progress,
     )
-    report = {
-        "model": source.spec,
-        "perplexity": {"text": args.ppl, "ppl": result.ppl, "tokens": result.num_tokens},
-    }
-    print(f"perplexity ({args.ppl}): {result.ppl:.4f} over {result.num_tokens} tokens")
+    if "perplexity" in report["results"]:
+        measured = report["results"]["perplexity"]
+        print(f"perplexity ({ppl}): {measured['ppl']:.4f} over {measured['num_tokens']} tokens")
+    if report["results"]:
+        print(results_table(report))
+    if "mt_bench" in report:
+        answers = report["mt_bench"]
+        print(f"MT-Bench answers ({answers['num_questions']} questions): {answers['answers']}")
     if args.output:
-        Path(args.output).write_text(json.dumps(report, indent=2))
+        print(f"results: {write_results(report, args.output)}")
+    if args.save_results:
+        print(f"results merged into {merge_into_model_dir(report, args.model)}")
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from reciprune.evaluation.compare import compare_table
+
+    print(compare_table(args.dirs, markdown=args.markdown))
     return 0
 
 
@@ -538,6 +692,10 @@ def _cmd_finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
         recipe = _load_recipe(args)
         accumulation_steps(_training_config(_finetune_stage(recipe, args.stage), args),
                            args.nproc_per_node)  # fmt: skip
+        from reciprune.pipelines.finetune import check_4bit_base
+
+        stage = _finetune_stage(recipe, args.stage)
+        check_4bit_base(_training_config(stage, args), stage, args.nproc_per_node)
         return _torchrun(args.nproc_per_node, _strip_flag(argv, "--nproc-per-node"))
     from reciprune.pipelines.jobs import FinetuneJob, run_finetune_job
 
@@ -572,6 +730,10 @@ def _cmd_finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
 def _cmd_run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     from reciprune.pipelines.multistage import RunJob, run_stages
 
+    if args.from_manifest is not None:
+        from reciprune.pipelines.rerun import run_from_manifest
+
+        return run_from_manifest(args, argv, torchrun=_torchrun)
     recipe = _load_recipe(args)
     job = RunJob(
         recipe=recipe,
@@ -602,6 +764,7 @@ COMMANDS = {
     "finetune": _cmd_finetune,
     "run": _cmd_run,
     "eval": _cmd_eval,
+    "compare": _cmd_compare,
     "report": _cmd_report,
     "recipe": _cmd_recipe,
     "modifiers": _cmd_modifiers,
@@ -616,6 +779,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.print_help()
         return 2
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # bitsandbytes warns on import (through peft/transformers) that an optional speed-up kernel
+    # package is missing, on every command; its CPU 4-bit path works without it.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if args.command in ("finetune", "run"):
