@@ -216,7 +216,7 @@ def test_recipe_check_with_a_model_config_raises_the_group_size_error(tiny_llama
     assert "QuantizationModifier" in describe_plan(recipe, tiny_llama(hidden_size=128, intermediate_size=256).config)
     plan = describe_plan(load_recipe(RECIPES / "sparsegpt_2of4_w4a16.yaml"), tiny_llama().config)
     assert "SparseGPTModifier: mask_structure=2:4 [uses calibration data]" in plan
-    assert "algorithm=gptq [uses calibration data]" in plan
+    assert "algorithm=gptq, actorder=True [uses calibration data]" in plan
 
 
 def test_a_pruning_modifier_after_quantization_is_refused(tiny_llama):
