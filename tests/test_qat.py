@@ -12,8 +12,6 @@ weights are the trained ones rounded on the same scales; only kernels may reorde
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -330,23 +328,20 @@ qat_stage:
 
 
 def test_fsdp_two_processes_train_qat_like_one(tmp_path, tiny_llama, tiny_tokenizer):
-    import os
+    from test_finetune import _finetune
 
-    tiny_llama().save_pretrained(tmp_path / "model")
-    tiny_tokenizer.save_pretrained(tmp_path / "model")
-    (tmp_path / "recipe.yaml").write_text(QAT_RECIPE)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    runs = {"one": ["--gradient-accumulation-steps", "2"], "two": ["--nproc-per-node", "2"]}
-    for out, extra in runs.items():
-        args = ["finetune", "--recipe", str(tmp_path / "recipe.yaml"), "--model", str(tmp_path / "model"),
-                "--output-dir", str(tmp_path / out), "--max-steps", "5", "--seed", "5", "--no-progress",
-                "--no-eval-ppl", *extra]  # fmt: skip
-        if out == "one":  # in this process; the torchrun one must be a subprocess
-            assert main(args) == 0
-            continue
-        done = subprocess.run([sys.executable, "-m", "reciprune", *args], capture_output=True,
-                              text=True, env=env, timeout=600)  # fmt: skip
-        assert done.returncode == 0, done.stderr[-3000:]
+    model, recipe = tmp_path / "model", tmp_path / "recipe.yaml"
+    tiny_llama().save_pretrained(model)
+    tiny_tokenizer.save_pretrained(model)
+    recipe.write_text(QAT_RECIPE)
+    runs = ("one", "two")
+    steps = ("--max-steps", "5", "--seed", "5")
+    # One process in this one; the torchrun one must be a subprocess.
+    assert main(["finetune", "--recipe", str(recipe), "--model", str(model), "--output-dir",
+                 str(tmp_path / "one"), "--no-progress", "--no-eval-ppl", *steps,
+                 "--gradient-accumulation-steps", "2"]) == 0  # fmt: skip
+    two = _finetune(recipe, model, tmp_path / "two", *steps, "--nproc-per-node", "2")
+    assert two.returncode == 0, two.stderr[-3000:]
     curves = [json.loads((tmp_path / o / "reciprune_manifest.json").read_text())["loss_curve"] for o in runs]
     assert len(curves[0]) == len(curves[1]) == 5
     for a, b in zip(*curves, strict=True):

@@ -687,15 +687,12 @@ def _finetune_stage(recipe, stage_name: str | None):
 def _cmd_finetune(args: argparse.Namespace, argv: Sequence[str]) -> int:
     if args.nproc_per_node is not None:
         # A bad recipe, flag or batch split fails here, before any process starts.
-        from reciprune.pipelines.finetune import accumulation_steps
+        from reciprune.pipelines.finetune import accumulation_steps, check_4bit_base
 
-        recipe = _load_recipe(args)
-        accumulation_steps(_training_config(_finetune_stage(recipe, args.stage), args),
-                           args.nproc_per_node)  # fmt: skip
-        from reciprune.pipelines.finetune import check_4bit_base
-
-        stage = _finetune_stage(recipe, args.stage)
-        check_4bit_base(_training_config(stage, args), stage, args.nproc_per_node)
+        stage = _finetune_stage(_load_recipe(args), args.stage)
+        config = _training_config(stage, args)
+        accumulation_steps(config, args.nproc_per_node)
+        check_4bit_base(config, stage, args.nproc_per_node)
         return _torchrun(args.nproc_per_node, _strip_flag(argv, "--nproc-per-node"))
     from reciprune.pipelines.jobs import FinetuneJob, run_finetune_job
 

@@ -29,6 +29,7 @@ from transformers import (
 )
 
 from reciprune.errors import ModelLoadError
+from reciprune.files import write_text_atomic
 
 DEFAULT_MODEL = "embedded:smollm2-135m-instruct"
 
@@ -82,19 +83,6 @@ def embedded_gguf_path() -> Path:
     return path
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    # Write-then-rename so a concurrent reader never sees a half-written file.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def file_sha256(path: str | Path) -> str:
     """sha256 of a file, remembered in the cache by (path, size, mtime) so it is hashed once."""
     path = Path(path).resolve()
@@ -113,7 +101,7 @@ def file_sha256(path: str | Path) -> str:
             digest.update(chunk)
     value = digest.hexdigest()
     try:
-        _write_atomic(sidecar, value + "\n")
+        write_text_atomic(sidecar, value + "\n")
     except OSError:
         pass  # a read-only cache only costs a re-hash next time
     return value

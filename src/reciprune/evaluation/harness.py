@@ -490,20 +490,10 @@ def results_table(report: dict[str, Any]) -> str:
 def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     """Write `data` as indented JSON through a temporary file renamed into place."""
     import json
-    import tempfile
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=str)
-            handle.write("\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    from reciprune.files import write_text_atomic
+
+    return write_text_atomic(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 EVAL_RESULTS_NAME = "eval_results.json"

@@ -146,18 +146,7 @@ def generate_answers(
 
 def write_answers(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """Write answer records as JSONL through a temporary file renamed into place."""
-    import os
-    import tempfile
+    from reciprune.files import write_text_atomic
 
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return target
+    lines = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+    return write_text_atomic(path, lines)

@@ -142,6 +142,14 @@ class RowSparseFinetuneModifier(TargetedModifier):
         """Whether the stage must run with a 4-bit base (`init: quant_residual`)."""
         return self.init == "quant_residual"
 
+    def missing_4bit_base(self) -> ReciPruneError:
+        """The error for `init: quant_residual` in a run without a 4-bit base."""
+        return ReciPruneError(
+            f"{self.type_name()} with init: quant_residual fits its deltas to the error of a "
+            "4-bit base, and this run has none. Pass --load-in-4bit (or set 'load_in_4bit: "
+            "true' under the stage's 'training:'), or use init: zeros."
+        )
+
     @model_validator(mode="after")
     def _rank_or_ratio(self) -> RowSparseFinetuneModifier:
         if (self.finetuning_rank is None) == (self.finetuning_ratio is None):
@@ -182,11 +190,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
             return None
         backend = getattr(session, "base_quantization", None)
         if backend is None:
-            raise ReciPruneError(
-                f"{self.type_name()} with init: quant_residual fits its deltas to the error of "
-                "a 4-bit base, and this run has none. Pass --load-in-4bit (or set "
-                "'load_in_4bit: true' under the stage's 'training:'), or use init: zeros."
-            )
+            raise self.missing_4bit_base()
         conv1d = [n for n, m in self._modules.items() if not isinstance(m, nn.Linear)]
         if conv1d:
             raise ReciPruneError(

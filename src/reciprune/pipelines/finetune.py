@@ -140,12 +140,7 @@ def check_4bit_base(config: TrainingConfig, stage: Stage | None, world_size: int
         return
     for modifier in stage.modifiers:
         if getattr(modifier, "needs_4bit_base", False):
-            raise ReciPruneError(
-                f"stage {stage.name!r}: {modifier.type_name()} with init: quant_residual "
-                "fits its deltas to the error of a 4-bit base, and this run has none. Pass "
-                "--load-in-4bit (or set 'load_in_4bit: true' under the stage's 'training:'), or "
-                "use init: zeros."
-            )
+            raise ReciPruneError(f"stage {stage.name!r}: {modifier.missing_4bit_base()}")
 
 
 def plan_batches(config: TrainingConfig, num_examples: int, world_size: int) -> BatchPlan:

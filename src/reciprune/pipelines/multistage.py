@@ -11,10 +11,8 @@ fingerprints, timings, every stage's metrics) so `reciprune run --from-manifest`
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -24,6 +22,7 @@ from reciprune.data.calibration import DEFAULT_DATASET
 from reciprune.errors import ReciPruneError
 from reciprune.export.manifest import build_manifest, job_invocation
 from reciprune.export.save import MANIFEST_FILE
+from reciprune.files import write_text_atomic
 from reciprune.models import DEFAULT_MODEL, resolve_model
 from reciprune.recipe import Recipe
 from reciprune.recipe.schema import Stage
@@ -250,7 +249,4 @@ def _finetune_under_torchrun(
 
 
 def _write_json(path: Path, data: dict) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2, default=str)
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(data, indent=2, default=str))
