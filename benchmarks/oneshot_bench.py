@@ -59,7 +59,7 @@ def _floor(model, batches) -> dict[str, float]:
     import torch
 
     from reciprune.core.layers import find_decoder_layers
-    from reciprune.pipelines.oneshot import capture_layer_inputs
+    from reciprune.pipelines.calibration import capture_layer_inputs
 
     _, layers = find_decoder_layers(model)
     inputs = capture_layer_inputs(model, layers[0], batches)

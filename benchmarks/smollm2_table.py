@@ -18,8 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from reciprune.pipelines.jobs import OneshotJob, run_oneshot_job
+from reciprune.pipelines.jobs import OneshotJob
+from reciprune.pipelines.oneshot import run_oneshot_job
 from reciprune.recipe import load_recipe
+from reciprune.recipe.options import OutputOptions
 
 SGPT, WANDA, MAG, DSNOT = "SparseGPTModifier", "WandaModifier", "MagnitudePruningModifier", "DSnoTModifier"
 OWL = {"sparsity_profile": "owl", "owl_m": 5, "owl_lmbda": 0.08}
@@ -74,7 +76,8 @@ def manifest_of(out: Path, row: str) -> dict:
     path = out / row / "reciprune_manifest.json"
     if not path.exists():
         recipe = load_recipe(recipe_text(ROWS[row][1]))
-        run_oneshot_job(OneshotJob(recipe=recipe, output_dir=out / row, overwrite=True))
+        output = OutputOptions(output_dir=out / row, overwrite=True)
+        run_oneshot_job(OneshotJob(recipe=recipe, output=output))
     return json.loads(path.read_text())
 
 

@@ -21,8 +21,15 @@ from pathlib import Path
 from reciprune.data.embedded import asdiv_problems
 from reciprune.evaluation import answer_loss
 from reciprune.models import load_model
-from reciprune.pipelines.multistage import RunJob, run_stages
+from reciprune.pipelines.jobs import RunJob
+from reciprune.pipelines.multistage import run_stages
 from reciprune.recipe import load_recipe
+from reciprune.recipe.options import (
+    CalibrationOptions,
+    ModelOptions,
+    OutputOptions,
+    PerplexityOptions,
+)
 
 RECIPE = Path(__file__).resolve().parents[1] / "recipes/sparse_llama2_7b_gsm8k/smollm2_asdiv.yaml"
 
@@ -44,13 +51,12 @@ def main() -> None:
     heldout = asdiv_problems("heldout")[: 32 if args.quick else args.heldout]
     job = RunJob(
         recipe=load_recipe(RECIPE, overrides),
-        output_dir=Path(args.output_dir),
-        model=args.model,
-        dataset="asdiv",
-        num_calibration_samples=16 if args.quick else 128,
-        calibration_seq_length=256,
-        ppl_samples=4 if args.quick else 16,
-        resume=True,
+        output=OutputOptions(output_dir=Path(args.output_dir), resume=True),
+        model=ModelOptions(model=args.model),
+        calibration=CalibrationOptions(
+            dataset="asdiv", num_calibration_samples=16 if args.quick else 128, max_seq_length=256
+        ),
+        evaluation=PerplexityOptions(ppl_samples=4 if args.quick else 16),
     )
     folders = dict(run_stages(job))
 

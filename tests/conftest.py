@@ -20,6 +20,8 @@ from more, and on a busy 2-core machine a second thread makes each forward ~100x
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -114,3 +116,31 @@ def text_files(tmp_path) -> tuple[Path, Path]:
     calibration.write_text("\n\n".join(embedded_calibration_texts()[:60]))
     heldout.write_text("\n\n".join(embedded_heldout_texts()[:20]))
     return calibration, heldout
+
+
+# --- the command line in a subprocess (finetune end-to-end tests) ---------------------------------
+TESTS_DIR = Path(__file__).resolve().parent
+
+
+def subprocess_env() -> dict[str, str]:
+    """This environment with one thread per process and no Hub access."""
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    return env
+
+
+def run_reciprune(*args: str, kill_after_step: int | None = None) -> subprocess.CompletedProcess:
+    """`python -m reciprune ARGS` in a subprocess; with `kill_after_step`, the process SIGKILLs
+    itself right after that (0-based) optimizer step (tests/kill_after_step.py)."""
+    command = [sys.executable, "-m", "reciprune", *args]
+    if kill_after_step is not None:
+        command = [sys.executable, str(TESTS_DIR / "kill_after_step.py"), str(kill_after_step), *args]
+    return subprocess.run(command, capture_output=True, text=True, env=subprocess_env(), timeout=600)
+
+
+def finetune_cli(recipe: Path, model: Path, out: Path, *extra: str, **kwargs: Any):
+    """`reciprune finetune --recipe R --model M --output-dir O` quietly, without perplexity."""
+    return run_reciprune(
+        "finetune", "--recipe", str(recipe), "--model", str(model), "--output-dir", str(out),
+        "--no-progress", "--no-eval-ppl", *extra, **kwargs,
+    )  # fmt: skip

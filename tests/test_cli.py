@@ -20,7 +20,7 @@ def _oneshot_args(recipe: Path, model: Path, data: tuple[Path, Path], out: Path)
     return [
         "oneshot", "--recipe", str(recipe), "--model", str(model), "--dataset", str(data[0]),
         "--num-calibration-samples", "8", "--max-seq-length", "32", "--ppl-file", str(data[1]),
-        "--ppl-samples", "4", "--output-dir", str(out), "--no-progress",
+        "--ppl-samples", "4", "--ppl-seq-length", "32", "--output-dir", str(out), "--no-progress",
     ]
 
 
@@ -59,7 +59,7 @@ def test_oneshot_saves_a_reloadable_sparse_checkpoint_with_manifest(tiny_model_d
 
 
 def test_bad_recipe_fails_before_weights_load_and_writes_nothing(tiny_model_dir, text_files, tmp_path, monkeypatch, capsys):
-    import reciprune.pipelines.jobs as jobs
+    import reciprune.pipelines.oneshot as jobs
 
     def no_weights(*_args, **_kwargs):
         raise AssertionError("weights were loaded for a bad recipe")

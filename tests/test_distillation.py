@@ -300,7 +300,7 @@ def test_start_end_gate_the_distillation_term_and_the_teacher_forward(tiny_llama
     session = _session(student, OutputDistillationModifier(start=2, end=4), teacher, total_steps=6)
     added = []
     for step in range(6):
-        session.global_step = step
+        session.advance_to(step)
         task, event = _step(session, student, _batch(seed=step))
         session.event(EventType.BATCH_END)
         added.append(event.loss.item() != pytest.approx(task.item()) and bool(event.metrics))
@@ -417,7 +417,7 @@ def test_distilling_a_half_pruned_copy_from_its_dense_teacher_lowers_the_distill
     optimizer = torch.optim.AdamW(student.parameters(), lr=3e-4, weight_decay=0.0)
     seen = []
     for step in range(20):
-        session.global_step = step
+        session.advance_to(step)
         _, event = _step(session, student, _batch(B=4, T=16, seed=step % 4))
         event.loss.backward()
         optimizer.step()

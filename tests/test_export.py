@@ -21,6 +21,7 @@ from reciprune.export import (
     sha256_text,
     sparsity_config,
 )
+from reciprune.export.formats import CheckpointContents
 from reciprune.models import ModelSource
 
 RECIPE = "stage:\n  pruning:\n    MagnitudePruningModifier:\n      sparsity: 0.5\n"
@@ -67,7 +68,7 @@ def test_saved_model_reloads_with_every_zero(tmp_path, tiny_llama, tiny_tokenize
     model = tiny_llama(tie_word_embeddings=tied)
     names = prune_half(model)
     meta = sparsity_config(model, names, structure="unstructured", ignore=["lm_head"])
-    out = save(model, tiny_tokenizer, tmp_path / "out", sparsity_config=meta)
+    out = save(model, tiny_tokenizer, tmp_path / "out", contents=CheckpointContents(sparsity=meta))
 
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     original, loaded = model.state_dict(), reloaded.state_dict()
@@ -88,7 +89,7 @@ def test_output_folder_contents(tmp_path, tiny_llama, tiny_tokenizer) -> None:
     model = tiny_llama()
     names = prune_half(model)
     meta = sparsity_config(model, names, structure="unstructured", ignore=["lm_head"])
-    out = save(model, tiny_tokenizer, tmp_path / "out", sparsity_config=meta)
+    out = save(model, tiny_tokenizer, tmp_path / "out", contents=CheckpointContents(sparsity=meta))
     files = {p.name for p in out.iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "recipe.yaml"} <= files
     assert (out / "recipe.yaml").read_text() == RECIPE

@@ -7,24 +7,19 @@ tiny Llama saved with the tiny tokenizer, training on the packaged ASDiv problem
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import finetune_cli as _finetune
+from conftest import run_reciprune as _reciprune
 from safetensors.torch import load_file
 
 from reciprune.errors import ReciPruneError
-from reciprune.pipelines.finetune import (
-    KILL_AFTER_STEP_ENV,
-    BatchPlan,
-    causal_lm_loss,
-    plan_batches,
-)
+from reciprune.pipelines.finetune import BatchPlan, causal_lm_loss, plan_batches
 from reciprune.recipe.training import TrainingConfig
 
 TARGETS = ["re:.*self_attn.q_proj", "re:.*self_attn.k_proj", "re:.*self_attn.v_proj",
@@ -125,30 +120,6 @@ def model_dirs(tmp_path: Path, tiny_llama, tiny_tokenizer) -> dict[str, Path]:
     return {"dense": dense_dir, "sparse": sparse_dir}
 
 
-def _env() -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    env.pop(KILL_AFTER_STEP_ENV, None)
-    return env
-
-
-def _reciprune(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "reciprune", *args],
-        capture_output=True,
-        text=True,
-        env=env or _env(),
-        timeout=600,
-    )
-
-
-def _finetune(recipe: Path, model: Path, out: Path, *extra: str, env=None):
-    return _reciprune(
-        "finetune", "--recipe", str(recipe), "--model", str(model), "--output-dir", str(out),
-        "--no-progress", "--no-eval-ppl", *extra, env=env,
-    )  # fmt: skip
-
-
 def _manifest(folder: Path) -> dict:
     return json.loads((folder / "reciprune_manifest.json").read_text())
 
@@ -231,8 +202,8 @@ def test_resume_after_kill_9_continues_with_the_same_losses(tmp_path, model_dirs
     full = _finetune(recipe, model_dirs["sparse"], tmp_path / "full", *args)
     assert full.returncode == 0, full.stderr[-3000:]
 
-    env = {**_env(), KILL_AFTER_STEP_ENV: "5"}  # killed after 6 steps: one save (4)
-    killed = _finetune(recipe, model_dirs["sparse"], tmp_path / "resumed", *args, env=env)
+    # killed after 6 steps: one save (4)
+    killed = _finetune(recipe, model_dirs["sparse"], tmp_path / "resumed", *args, kill_after_step=5)
     assert killed.returncode == -signal.SIGKILL
     assert not (tmp_path / "resumed").exists()
     checkpoints = sorted((tmp_path / "resumed.checkpoints").glob("step-*"))
@@ -333,7 +304,6 @@ def test_a_sequence_length_below_two_is_refused(tmp_path, capsys, tiny_dir):
 def test_a_global_batch_the_processes_cannot_share_is_refused_before_they_start(
     tmp_path, capsys, tiny_dir, monkeypatch
 ):
-    import subprocess
 
     def no_launch(*args, **kwargs):
         raise AssertionError("torchrun was started")

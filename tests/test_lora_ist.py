@@ -26,7 +26,7 @@ from reciprune.algorithms.ist import (
     update_importance,
 )
 from reciprune.core.events import EventType
-from reciprune.core.session import LifecycleSession
+from reciprune.core.session import LifecycleSession, TrainingContext
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers import ISTModifier, LoRAModifier, Modifier
 from reciprune.modifiers.lora import ADAPTER_CONFIG_FILE, ADAPTER_FILE
@@ -55,8 +55,9 @@ def _loss(model):
 
 
 def _prepared(model, *modifiers):
-    session = LifecycleSession(model, list(modifiers), run_type="finetune")
-    session.loss = _loss(model)
+    session = LifecycleSession(
+        model, list(modifiers), run_type="finetune", training=TrainingContext(loss=_loss(model))
+    )
     session.prepare()
     session.initialize()
     return session
@@ -263,7 +264,7 @@ def _train_steps(session, model, steps, *, batches=1, check=None):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
     for step in range(steps):
-        session.global_step = step
+        session.advance_to(step)
         for a in range(batches):
             batch = _batch(seed=100 * step + a)
             session.event(EventType.BATCH_START, batch=batch)
@@ -344,7 +345,7 @@ def test_a_harmful_layer_adapter_gets_a_rising_score(tiny_llama):
     assert helped < 0.5 * session.loss(batches[0]).item()  # suppressing layer 2 helps
     history = [ist.scores]
     for step in range(6):  # importance updates only, on 2 micro-batches each: no optimizer steps
-        session.global_step = step
+        session.advance_to(step)
         for a in range(2):
             session.event(EventType.BATCH_START, batch=batches[2 * step + a])
         session.event(EventType.OPTIMIZER_POST_STEP)
@@ -495,7 +496,7 @@ IST_RECIPE = LORA_RECIPE + """
 
 
 def _finetune(recipe: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    from test_finetune import _finetune as finetune
+    from conftest import finetune_cli as finetune
 
     return finetune(recipe, model, out, "--max-steps", "6", "--seed", "3", *extra)
 

@@ -25,10 +25,11 @@ from reciprune.cli import main
 from reciprune.core.events import EventType
 from reciprune.core.session import LifecycleSession
 from reciprune.errors import RecipeError
+from reciprune.export.formats import CheckpointContents
 from reciprune.export.save import save_checkpoint
 from reciprune.models import load_model
 from reciprune.modifiers import ConstantPruningModifier, QuantizationModifier
-from reciprune.pipelines.jobs import _gather_plain_model
+from reciprune.pipelines.finetune_job import _gather_plain_model
 
 ROUND_TRIP_ATOL = 1e-5
 REPO = Path(__file__).resolve().parents[1]
@@ -105,13 +106,13 @@ def _batches(count: int, generator_seed: int = 3) -> list[torch.Tensor]:
 def _train(model, modifiers, steps: int = 4, lr: float = 1e-2) -> LifecycleSession:
     """A finetune session driven like the Trainer: prepare, initialize, AdamW steps with the
     optimizer events (so ConstantPruningModifier masks), finalize is left to the caller."""
-    session = LifecycleSession(model, modifiers, run_type="finetune", measure_reconstruction=False)
+    session = LifecycleSession(model, modifiers, run_type="finetune")
     session.prepare()
     session.initialize()
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     for step, ids in enumerate(_batches(steps)):
-        session.global_step = step
+        session.advance_to(step)
         loss = F.cross_entropy(model(ids).logits[:, :-1].reshape(-1, 320), ids[:, 1:].reshape(-1))
         loss.backward()
         session.event(EventType.OPTIMIZER_PRE_STEP)
@@ -162,7 +163,8 @@ def test_qat_export_reloads_in_transformers_with_the_trained_logits(case, tiny_l
     plain, _ = _gather_plain_model(model, session)
     with torch.no_grad():
         assert torch.allclose(plain(ids).logits, trained, atol=ROUND_TRIP_ATOL, rtol=0)
-    out = save_checkpoint(plain, None, tmp_path / "out", recipe_yaml="", manifest={})
+    out = save_checkpoint(plain, None, tmp_path / "out", recipe_yaml="", manifest={},
+                          contents=CheckpointContents(quantized=True))
 
     saved = json.loads((out / "config.json").read_text())["quantization_config"]
     assert saved["format"] == expected_format and "lm_head" in saved["ignore"]
@@ -196,7 +198,8 @@ def test_sparse_qat_keeps_every_2of4_zero_through_training_and_export(tiny_llama
     session = _train(model, modifiers, steps=5)
     session.finalize()
     plain, _ = _gather_plain_model(model, session)
-    out = save_checkpoint(plain, None, tmp_path / "out", recipe_yaml="", manifest={})
+    out = save_checkpoint(plain, None, tmp_path / "out", recipe_yaml="", manifest={},
+                          contents=CheckpointContents(quantized=True))
     reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
     with torch.no_grad():
         reloaded(_batches(1)[0])  # the packed weights are unpacked on the first forward
@@ -328,7 +331,7 @@ qat_stage:
 
 
 def test_fsdp_two_processes_train_qat_like_one(tmp_path, tiny_llama, tiny_tokenizer):
-    from test_finetune import _finetune
+    from conftest import finetune_cli as _finetune
 
     model, recipe = tmp_path / "model", tmp_path / "recipe.yaml"
     tiny_llama().save_pretrained(model)

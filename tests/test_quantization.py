@@ -352,7 +352,7 @@ def _model_dir(tmp_path, tiny_llama, tiny_tokenizer, **config) -> Path:
 def _run(recipe_text: str, model: Path, data: tuple[Path, Path], out: Path, monkeypatch) -> dict:
     """`reciprune oneshot` in-process; returns what the fake-quantized model looked like just
     before it was saved (logits on fixed ids, the decoder Linear weights)."""
-    import reciprune.pipelines.jobs as jobs
+    import reciprune.pipelines.oneshot as jobs
 
     recipe = out.parent / "recipe.yaml"
     recipe.write_text(recipe_text)

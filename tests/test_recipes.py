@@ -92,3 +92,31 @@ def test_recipe_runs_on_a_tiny_model(path: Path, tmp_path: Path, tiny_llama, tin
             if any(m.needs_teacher for m in stage.modifiers):
                 assert all("distill_loss" in r for r in manifest["loss_curve"])
         sparsity = now
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=_ids(RECIPES))
+def test_to_yaml_of_every_recipe_loads_back_to_an_equal_recipe(path: Path) -> None:
+    recipe = load_recipe(path)
+    assert load_recipe(recipe.to_yaml()) == recipe
+
+
+def test_a_dense_finetune_stage_and_stage_settings_round_trip_through_to_yaml() -> None:
+    from reciprune.recipe import Recipe
+    from reciprune.recipe.options import CalibrationOptions
+    from reciprune.recipe.schema import Stage
+    from reciprune.recipe.training import TrainingConfig
+
+    dense = Recipe(stages=[Stage(name="finetune_stage", run_type="finetune")])
+    assert "modifiers: []" in dense.to_yaml()
+    assert load_recipe(dense.to_yaml()) == dense
+    both = load_recipe(
+        "stages:\n"
+        "  - {name: prune, modifiers: [{type: WandaModifier, sparsity: 0.5}],\n"
+        "     calibration: {num_calibration_samples: 8, max_seq_length: 64}}\n"
+        "  - {name: tune, run_type: finetune, training: {max_steps: 3, learning_rate: 1.0e-4}}\n"
+    )
+    assert both.stages[0].calibration == CalibrationOptions(num_calibration_samples=8, max_seq_length=64)
+    assert both.stages[1].training == TrainingConfig(max_steps=3, learning_rate=1e-4)
+    again = load_recipe(both.to_yaml())
+    assert again == both
+    assert again.stages[0].calibration.given() == {"num_calibration_samples": 8, "max_seq_length": 64}

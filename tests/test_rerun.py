@@ -44,11 +44,13 @@ def test_oneshot_manifest_records_what_a_rerun_needs(tiny_model_dir, text_files,
     assert "sparsity: 0.6" in manifest["recipe"]  # the --set override is in the recorded recipe
     assert manifest["seed"] == 7 and manifest["data_fingerprint"]
     assert manifest["model"]["fingerprint"] and manifest["versions"]["torch"] == torch.__version__
-    invocation = manifest["invocation"]
-    assert invocation["dataset"] == str(text_files[0]) and invocation["seed"] == 7
-    assert invocation["num_calibration_samples"] == 6 and invocation["max_seq_length"] == 32
-    assert invocation["ppl_file"] == str(text_files[1]) and invocation["ppl_samples"] == 2
-    assert "output_dir" not in invocation and "recipe" not in invocation
+    options = manifest["options"]
+    calibration, evaluation = options["calibration"], options["evaluation"]
+    assert calibration["dataset"] == str(text_files[0]) and calibration["seed"] == 7
+    assert calibration["num_calibration_samples"] == 6 and calibration["max_seq_length"] == 32
+    assert evaluation["ppl_file"] == str(text_files[1]) and evaluation["ppl_samples"] == 2
+    assert options["model"]["model"] == str(tiny_model_dir)
+    assert "output" not in options and "recipe" not in options
     assert manifest["timings"]["load_model"] >= 0 and "ppl_compressed" in manifest["metrics"]
 
     new = tmp_path / "again"
@@ -56,7 +58,7 @@ def test_oneshot_manifest_records_what_a_rerun_needs(tiny_model_dir, text_files,
                  "--no-progress"]) == 0  # fmt: skip
     _same_weights(out, new)
     again = json.loads((new / MANIFEST).read_text())
-    for key in ("recipe_sha256", "data_fingerprint", "seed", "invocation", "layers"):
+    for key in ("recipe_sha256", "data_fingerprint", "seed", "options", "layers"):
         assert again[key] == manifest[key], key
     assert again["metrics"]["ppl_compressed"] == manifest["metrics"]["ppl_compressed"]
 
@@ -70,7 +72,7 @@ def test_finetune_rerun_from_manifest_trains_the_same_weights(tiny_model_dir, tm
     assert main(args) == 0
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["training"]["learning_rate"] == 3e-3 and manifest["seed"] == 5
-    assert manifest["invocation"]["world_size"] == 1 and manifest["invocation"]["eval_ppl"] is False
+    assert manifest["world_size"] == 1 and manifest["options"]["evaluation"]["eval_ppl"] is False
 
     new = tmp_path / "ft_again"
     assert main(["run", "--from-manifest", str(out), "--output-dir", str(new), "--no-progress"]) == 0
@@ -95,7 +97,7 @@ def test_run_manifest_reruns_every_stage(tiny_model_dir, text_files, tmp_path) -
     stage_manifest = json.loads((out / stage / MANIFEST).read_text())
     assert manifest["data_fingerprint"] == {stage: stage_manifest["data_fingerprint"]}
     assert manifest["timings"]["total"] >= manifest["timings"][stage]
-    assert manifest["invocation"]["calibration_seq_length"] == 32
+    assert manifest["options"]["calibration"]["max_seq_length"] == 32
 
     new = tmp_path / "run_again"
     assert main(["run", "--from-manifest", str(out / MANIFEST), "--output-dir", str(new),
@@ -132,7 +134,7 @@ def test_rerun_refuses_what_it_cannot_repeat(tiny_model_dir, text_files, tmp_pat
 
     # An older manifest without the job's options.
     old = dict(manifest)
-    del old["invocation"]
+    del old["options"]
     path.write_text(json.dumps(old))
     assert main(["run", "--from-manifest", str(path), *new]) == 2
     assert "does not record the options it ran with" in capsys.readouterr().err
@@ -151,3 +153,17 @@ def test_rerun_refuses_what_it_cannot_repeat(tiny_model_dir, text_files, tmp_pat
     (tmp_path / "x.json").write_text("{}")
     assert main(["run", "--from-manifest", str(tmp_path / "x.json"), *new]) == 2
     assert "not a reciprune manifest" in capsys.readouterr().err
+
+
+def test_a_manifest_with_the_older_flat_invocation_still_reruns(tiny_model_dir, text_files, tmp_path):
+    out = tmp_path / "out"
+    assert main(_oneshot(tiny_model_dir, text_files, out)) == 0
+    path = out / MANIFEST
+    manifest = json.loads(path.read_text())
+    options = manifest.pop("options")
+    # How reciprune wrote it before options were grouped (oneshot: --max-seq-length by name).
+    manifest["invocation"] = {**options["model"], **options["calibration"], **options["evaluation"]}
+    path.write_text(json.dumps(manifest))
+    new = tmp_path / "new"
+    assert main(["run", "--from-manifest", str(path), "--output-dir", str(new), "--no-progress"]) == 0
+    _same_weights(out, new)

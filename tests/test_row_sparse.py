@@ -25,7 +25,7 @@ from reciprune.algorithms.row_importance import (
     zo_projected_gradients,
     zo_taylor_gradient,
 )
-from reciprune.core.session import LifecycleSession
+from reciprune.core.session import LifecycleSession, TrainingContext
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers import ConstantPruningModifier, RowSparseFinetuneModifier
 from reciprune.modifiers.row_sparse import DELTAS_FILE
@@ -212,12 +212,16 @@ def _batches(n=2, vocab=320, B=2, T=12):
 
 
 def _prepared(model, *modifiers, batches=None):
-    session = LifecycleSession(model, list(modifiers), run_type="finetune", total_steps=4)
-    session.sample_batches = _batches() if batches is None else batches
-    session.loss = lambda batch: causal_lm_loss(
-        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
-        batch["labels"],
-    )[0]
+    context = TrainingContext(
+        loss=lambda batch: causal_lm_loss(
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits,
+            batch["labels"],
+        )[0],
+        sample_batches=_batches() if batches is None else batches,
+    )
+    session = LifecycleSession(
+        model, list(modifiers), run_type="finetune", total_steps=4, training=context
+    )
     session.prepare()
     session.initialize()
     return session
@@ -294,24 +298,22 @@ def test_zo_taylor_runs_forward_passes_only(tiny_llama, monkeypatch):
     monkeypatch.setattr(torch.autograd, "backward", no_backward)
     model = tiny_llama()
     losses = []
-    session = LifecycleSession(model, [RowSparseFinetuneModifier(finetuning_rank=4, n_estimate=3)],
-                               run_type="finetune")  # fmt: skip
-    session.sample_batches = _batches()
-
     def loss(batch):
         value = causal_lm_loss(model(input_ids=batch["input_ids"]).logits, batch["labels"])[0]
         losses.append(value)
         return value
 
-    session.loss = loss
+    session = LifecycleSession(model, [RowSparseFinetuneModifier(finetuning_rank=4, n_estimate=3)],
+                               run_type="finetune",
+                               training=TrainingContext(loss=loss, sample_batches=_batches()))  # fmt: skip
     session.prepare()
     assert len(losses) == 2 * 3 * 2  # ± per estimate, per sample batch
     assert not any(value.requires_grad for value in losses)  # no graph: no activations kept
     assert all(p.grad is None for p in model.parameters())
     # The patch does catch a backward pass: exact Taylor needs one.
     taylor = LifecycleSession(tiny_llama(), [RowSparseFinetuneModifier(importance="taylor",
-                              finetuning_rank=4)], run_type="finetune")  # fmt: skip
-    taylor.sample_batches, taylor.loss = _batches(), loss
+                              finetuning_rank=4)], run_type="finetune",
+                              training=TrainingContext(loss=loss, sample_batches=_batches()))  # fmt: skip
     with pytest.raises(AssertionError, match="a backward pass ran"):
         taylor.prepare()
 
@@ -484,7 +486,7 @@ rowsparse_stage:
 
 
 def _finetune(recipe: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    from test_finetune import _finetune as finetune
+    from conftest import finetune_cli as finetune
 
     return finetune(recipe, model, out, *extra)
 

@@ -47,7 +47,7 @@ def _all_hooks(model: nn.Module) -> int:
 
 def _drive_steps(session: LifecycleSession, steps: range) -> None:
     for step in steps:
-        session.global_step = step
+        session.advance_to(step)
         session.event(EventType.BATCH_START)
         session.event(EventType.BATCH_END)
 
@@ -142,7 +142,7 @@ def _sgd_steps(model: nn.Module, session: LifecycleSession, steps: int) -> None:
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     for step in range(steps):
-        session.global_step = step
+        session.advance_to(step)
         session.event(EventType.BATCH_START)
         loss = model(input_ids=ids, labels=ids).loss
         loss = session.event(EventType.LOSS_COMPUTED, loss=loss).loss
@@ -178,7 +178,7 @@ def test_magnitude_schedule_in_training_rises_cubically_to_the_target(tiny_llama
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     ids = torch.randint(0, model.config.vocab_size, (2, 12))
     for step in range(8):
-        session.global_step = step
+        session.advance_to(step)
         model(input_ids=ids, labels=ids).loss.backward()
         optimizer.step()
         optimizer.zero_grad()

@@ -142,7 +142,7 @@ def _session(model, modifier, total_steps=100, lr=1e-2):
     session.prepare()
     session.initialize()
     params = [p for p in model.parameters() if p.requires_grad]
-    session.optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    session.start_training(torch.optim.AdamW(params, lr=lr, weight_decay=0.0))
     return session
 
 
@@ -216,7 +216,7 @@ def test_candidate_gradients_equal_plain_autograd_summed_over_the_micro_batches(
     step_grads: list[dict[str, torch.Tensor]] = []
     first_micro: dict[str, torch.Tensor] = {}
     for step in range(2):
-        session.global_step = step
+        session.advance_to(step)
         for a in range(2):
             batch = batches[2 * step + a]
             _micro_batch(session, model, batch, accumulation=2)
@@ -280,7 +280,7 @@ def test_no_dense_weight_sized_tensor_is_kept(tiny_llama) -> None:
     gc.collect()
     before = weight_sized()
     batch = _batches(seed=4, count=1)[0]  # 2 × 7 tokens: no activation has a weight's shape
-    session.global_step = 0
+    session.advance_to(0)
     session.event(EventType.BATCH_START, batch=batch)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = _loss(model, batch)
@@ -324,7 +324,7 @@ def test_reselections_drop_the_smallest_grow_the_best_and_seed_adam(tiny_llama) 
     batches = _batches(seed=5, count=8)
     reselections = 0
     for step in range(T):
-        session.global_step = step
+        session.advance_to(step)
         for a in range(2):
             _micro_batch(session, model, batches[(2 * step + a) % 8], accumulation=2)
         session.event(EventType.OPTIMIZER_PRE_STEP)
@@ -489,7 +489,7 @@ spiel_stage:
 
 
 def _finetune(recipe: Path, model: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    from test_finetune import _finetune as finetune
+    from conftest import finetune_cli as finetune
 
     return finetune(recipe, model, out, "--max-steps", "6", "--seed", "7", *extra)
 
@@ -577,12 +577,12 @@ def test_on_a_sparse_base_no_delta_ever_lands_on_a_pruned_weight(tiny_llama) -> 
     session.prepare()
     session.initialize()
     params = [p for p in model.parameters() if p.requires_grad]
-    session.optimizer = torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0)
+    session.start_training(torch.optim.AdamW(params, lr=3e-3, weight_decay=0.0))
     deltas = _deltas(model)
     seen: dict[str, set[int]] = {name: set() for name in deltas}
     batches = _batches(seed=3, count=4)
     for step in range(T):
-        session.global_step = step
+        session.advance_to(step)
         _micro_batch(session, model, batches[step % 4], accumulation=1)
         session.event(EventType.OPTIMIZER_PRE_STEP)
         session.optimizer.step()

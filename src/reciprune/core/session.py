@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from reciprune.algorithms.reconstruction import output_error
 from reciprune.core.events import Event, EventType
+from reciprune.core.reconstruction import ReconstructionProbe
 from reciprune.core.statistics import InputStatistics
-from reciprune.core.targets import weight_matrix
 
 if TYPE_CHECKING:
     from reciprune.modifiers.base import Modifier
@@ -20,11 +20,27 @@ if TYPE_CHECKING:
 _ALWAYS_DISPATCHED = {EventType.INITIALIZE, EventType.FINALIZE}
 
 
+@dataclass
+class TrainingContext:
+    """What a finetune pipeline gives its session for the modifiers' `on_prepare`."""
+
+    #: The task loss of a batch on the current model (methods that score parameters first).
+    loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
+    #: The first optimizer step's micro-batches.
+    sample_batches: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    #: With a 4-bit base (`load_in_4bit`): the NF4 backend that quantizes the frozen Linears
+    #: after `on_prepare` (reciprune.core.nf4_base.NF4Backend), for modifiers that quantize
+    #: their modules themselves; None for a full-precision base.
+    base_quantization: Any = None
+
+
 class LifecycleSession:
     """Applies a stage's modifiers to a model through events and hooks.
 
-    Pipelines create one session per stage, call `initialize`, emit events with `event`, and
-    call `finalize`, which removes every hook any modifier registered through the session.
+    Pipelines create one session per stage with its collaborators (a teacher, a training
+    context, a reconstruction probe), call `initialize`, emit events with `event`, and call
+    `finalize`, which removes every hook any modifier registered through the session. The
+    training loop tells it the optimizer and step with `start_training` and `advance_to`.
     """
 
     def __init__(
@@ -35,35 +51,61 @@ class LifecycleSession:
         teacher: nn.Module | None = None,
         total_steps: int | None = None,
         run_type: str = "oneshot",
-        measure_reconstruction: bool = True,
+        training: TrainingContext | None = None,
+        probe: ReconstructionProbe | None = None,
     ) -> None:
         self.model = model
         self.modifiers = list(modifiers)
         self.teacher = teacher
-        self.total_steps = total_steps
         self.run_type = run_type
-        self.global_step = 0
+        self.training = training or TrainingContext()
         self.statistics = InputStatistics()
-        #: Record ‖WX − W'X‖² / ‖WX‖² of every module compressed during calibration.
-        self.measure_reconstruction = measure_reconstruction
-        self._weights_before: dict[nn.Module, torch.Tensor] = {}
+        self.probe = probe
         #: Per-module results modifiers report (sparsity, errors); they go into the manifest.
         self.records: dict[str, dict[str, Any]] = defaultdict(dict)
         self._hooks: dict[int, list[torch.utils.hooks.RemovableHandle]] = defaultdict(list)
-        #: Finetune stages: the first optimizer step's micro-batches, for `on_prepare`.
-        self.sample_batches: list[dict[str, torch.Tensor]] = []
-        #: Finetune stages: the task loss of a batch on the current model, for `on_prepare`.
-        self.loss: Callable[[dict[str, torch.Tensor]], torch.Tensor] | None = None
-        #: Finetune stages: the optimizer, set by the trainer once built (after `on_prepare`),
-        #: for modifiers that edit its state (e.g. the moments of re-chosen sparse deltas).
-        self.optimizer: torch.optim.Optimizer | None = None
-        #: Finetune stages with a 4-bit base (`load_in_4bit`): the NF4 backend that quantizes the
-        #: frozen Linears after `on_prepare`, for modifiers that quantize their modules themselves
-        #: (reciprune.core.nf4_base.NF4Backend); None for a full-precision base.
-        self.base_quantization: Any = None
+        self._optimizer: torch.optim.Optimizer | None = None
+        self._total_steps = total_steps
+        self._global_step = 0
         self._prepared = False
         self._initialized = False
         self._finalized = False
+
+    # collaborators (read-only for modifiers) ---------------------------------------------------
+    @property
+    def loss(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor] | None:
+        return self.training.loss
+
+    @property
+    def sample_batches(self) -> list[dict[str, torch.Tensor]]:
+        return self.training.sample_batches
+
+    @property
+    def base_quantization(self) -> Any:
+        return self.training.base_quantization
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer | None:
+        """The optimizer once training started, for modifiers that edit its state (e.g. the
+        moments of re-chosen sparse deltas)."""
+        return self._optimizer
+
+    @property
+    def total_steps(self) -> int | None:
+        return self._total_steps
+
+    @property
+    def global_step(self) -> int:
+        """Optimizer steps taken so far."""
+        return self._global_step
+
+    def start_training(self, optimizer: torch.optim.Optimizer) -> None:
+        """Called by the training loop once its optimizer exists (after `on_prepare`)."""
+        self._optimizer = optimizer
+
+    def advance_to(self, step: int) -> None:
+        """Set the global step the next events carry."""
+        self._global_step = step
 
     # lifecycle -------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -89,15 +131,10 @@ class LifecycleSession:
         event = Event(
             type=event_type, global_step=self.global_step, total_steps=self.total_steps, **fields
         )
-        if event_type == EventType.PROFILE_LAYER_END:
+        if event_type in (EventType.PROFILE_LAYER_END, EventType.LAYER_CALIBRATED):
             self.statistics.detach()
-        if event_type == EventType.LAYER_CALIBRATED:
-            self.statistics.detach()
-            # Modifiers that refine an earlier modifier's mask (DSnoT) need the dense weights.
-            self._weights_before = {
-                module: weight_matrix(module).detach().clone()
-                for module in self.statistics.tracked_modules()
-            }
+        if event_type == EventType.LAYER_CALIBRATED and self.probe is not None:
+            self.probe.snapshot(self.statistics.tracked_modules())
         for modifier in self.modifiers:
             if event_type in _ALWAYS_DISPATCHED or modifier.is_active(
                 self.global_step, self.total_steps
@@ -108,42 +145,14 @@ class LifecycleSession:
         elif event_type == EventType.PROFILE_LAYER_END:
             self.statistics.clear()
         elif event_type == EventType.LAYER_START and event.layer is not None:
-            if self.measure_reconstruction:
-                self.statistics.require_hessians()
+            if self.probe is not None:
+                self.probe.prepare(self.statistics)
             self.statistics.attach(event.layer)
         elif event_type == EventType.LAYER_CALIBRATED:
-            self._record_reconstruction(event)
+            if self.probe is not None:
+                self.probe.measure(event, self.statistics, self.records)
             self.statistics.clear()
         return event
-
-    def weight_before(self, module: nn.Module) -> torch.Tensor:
-        """`module`'s [out, in] weight as it was when this layer's calibration ended, before
-        any modifier compressed it (valid during LAYER_CALIBRATED)."""
-        try:
-            return self._weights_before[module]
-        except KeyError:
-            raise RuntimeError(
-                "weight_before is only known during LAYER_CALIBRATED for tracked modules"
-            ) from None
-
-    def _record_reconstruction(self, event: Event) -> None:
-        """Relative output error of each module changed at this layer, from its input XᵀX.
-
-        ‖(W − W')X‖² = tr(ΔW XᵀX ΔWᵀ), so no extra forward pass is needed.
-        """
-        if not self.measure_reconstruction or not self._weights_before or event.layer is None:
-            self._weights_before = {}
-            return
-        names = {module: name for name, module in event.layer.named_modules()}
-        for module, before in self._weights_before.items():
-            delta = before.float() - weight_matrix(module).float()
-            if not bool(delta.any()):
-                continue
-            xtx = self.statistics.hessian(module)
-            error, reference = output_error(delta, xtx), output_error(before, xtx)
-            name = f"{event.layer_name}.{names[module]}" if event.layer_name else names[module]
-            self.records[name]["reconstruction_error"] = error / max(reference, 1e-30)
-        self._weights_before = {}
 
     def finalize(self) -> None:
         """FINALIZE event, each modifier's `on_finalize`, then every session hook removed."""

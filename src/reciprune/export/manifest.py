@@ -7,7 +7,7 @@ import importlib.metadata
 import platform
 import subprocess
 from collections.abc import Iterable
-from dataclasses import asdict, fields, is_dataclass
+from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,12 +20,6 @@ from reciprune.core.targets import is_linear_like, weight_matrix
 from reciprune.models import ModelSource
 
 MANIFEST_VERSION = 1
-
-#: Job options that say where and how output is written, not what is computed: left out of a
-#: manifest's `invocation` (a re-run chooses its own) — plus the recipe, stored on its own.
-_NOT_REPRODUCED = frozenset(
-    {"recipe", "recipe_yaml", "stage", "training", "output_dir", "overwrite", "resume", "progress"}
-)
 
 #: N:M patterns reported per layer, strongest first: "2:4" = at least 2 zeros in every 4.
 NM_PATTERNS: tuple[tuple[int, int], ...] = ((2, 4), (4, 8))
@@ -123,24 +117,6 @@ def build_manifest(
     return manifest
 
 
-def job_invocation(job: Any, **more: Any) -> dict[str, Any]:
-    """The options of a job dataclass that decide its result, as JSON data, for a manifest.
-
-    Everything but the recipe (stored on its own) and where/how output is written; with the
-    recipe and the model it is what `reciprune run --from-manifest` needs to run the job again.
-    """
-    if not is_dataclass(job):
-        raise TypeError(f"expected a job dataclass, got {type(job).__name__}")
-    options: dict[str, Any] = {}
-    for field in fields(job):
-        if field.name in _NOT_REPRODUCED:
-            continue
-        value = getattr(job, field.name)
-        options[field.name] = str(value) if isinstance(value, Path) else value
-    options.update(more)
-    return options
-
-
 def nm_holds(matrix: torch.Tensor, n: int, m: int) -> bool:
     """True when every group of `m` consecutive inputs in each row has at least `n` zeros."""
     rows, cols = matrix.shape
@@ -222,3 +198,39 @@ def sparsity_config(
         sparsity_structure=structure,
     )
     return config.model_dump(mode="json")
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the output head (found by role, `get_output_embeddings`, not by name)."""
+    head = model.get_output_embeddings()
+    return {name for name, module in model.named_modules() if module is head}
+
+
+def describe_sparsity(model: nn.Module, modifiers: Iterable[Any]) -> dict | None:
+    """The sparsity metadata of what the modifiers that produce sparsity pruned, or None.
+
+    One builder for every job: the modules are those the modifiers target, the structure the
+    last one's declared pattern (or, for a modifier that only keeps a mask, the N:M pattern
+    all pruned modules measure), targets and ignores the recipe's own patterns; the output
+    head is always left out.
+    """
+    pruners = [m for m in modifiers if "sparsity" in m.produces]
+    if not pruners:
+        return None
+    names = sorted({name for m in pruners for name in m.targeted_modules()})
+    declared = [m.mask_pattern for m in pruners if m.mask_pattern is not None]
+    structure = declared[-1] if declared else _measured_structure(model, names)
+    return sparsity_config(
+        model,
+        names,
+        structure=structure,
+        targets=sorted({t for m in pruners for t in m.targets}),
+        ignore=sorted({i for m in pruners for i in m.ignore} | output_head_names(model)),
+    )
+
+
+def _measured_structure(model: nn.Module, names: list[str]) -> str:
+    """The N:M pattern every pruned module holds, else "unstructured"."""
+    report = layer_sparsity_report(model, names)
+    patterns = {info["nm"] for info in report.values() if info["sparsity"] > 0}
+    return next(iter(patterns)) if len(patterns) == 1 and None not in patterns else "unstructured"

@@ -19,11 +19,11 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reciprune.errors import ReciPruneError
+from reciprune.export.formats import SPARSITY_CONFIG_KEY, CheckpointContents, choose_format
 
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "reciprune_manifest.json"
-#: Key in config.json under which the compressed-tensors sparsity metadata is stored.
-SPARSITY_CONFIG_KEY = "sparsity_config"
+__all__ = ["MANIFEST_FILE", "RECIPE_FILE", "SPARSITY_CONFIG_KEY", "save_checkpoint"]
 
 
 def _json_default(value: Any) -> Any:
@@ -71,52 +71,29 @@ def save_checkpoint(
     *,
     recipe_yaml: str,
     manifest: dict,
-    sparsity_config: dict | None = None,
+    contents: CheckpointContents | None = None,
+    save_format: str = "auto",
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Save model (safetensors), tokenizer, recipe.yaml and the manifest to `output_dir`.
+    """Save model, tokenizer, recipe.yaml and the manifest to `output_dir`; returns the folder.
 
-    `sparsity_config` goes under config.json's "sparsity_config" key; `extra_files` (name →
-    bytes, e.g. a loss-curve PNG) are written beside them. Returns the folder.
-
-    A model with quantized modules (a `quantization_scheme` attached by QuantizationModifier)
-    is saved through compressed-tensors: its weights are compressed in place (packed int4,
-    int8, FP8; the model decompresses itself on its next forward), config.json gets their
-    `quantization_config`, and the manifest the format and the bytes of the weight files.
+    `contents` (what the modifiers produced: sparsity metadata, quantized modules) decides the
+    weight format with `save_format` (`reciprune.export.formats`); the manifest gets the
+    format and the bytes of the weight files under `checkpoint`. `extra_files` (name → bytes,
+    e.g. a loss-curve PNG) are written beside them.
     """
     output_dir = Path(output_dir).expanduser().absolute()
     check_output_dir(output_dir, overwrite)
+    contents = contents or CheckpointContents()
+    writer = choose_format(contents, save_format)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
     old: Path | None = None
     try:
-        compressor = _quantization_compressor(model)
-        if compressor is not None:
-            from compressed_tensors.offload import as_single_threaded
-
-            # Under torch.distributed compressed-tensors shares the work between processes,
-            # but only the main process saves: compress here alone, or it waits for the others.
-            with as_single_threaded():
-                compressor.compress_model(model)
-        model.save_pretrained(tmp)
-        if compressor is not None:
-            compressor.update_config(str(tmp))
-            weight_bytes = sum(f.stat().st_size for f in tmp.glob("*.safetensors"))
-            format_ = compressor.quantization_config.format
-            manifest = {
-                **manifest,
-                "checkpoint": {"format": str(getattr(format_, "value", format_)),
-                               "weight_bytes": weight_bytes},
-            }
+        manifest = {**manifest, "checkpoint": writer.write(model, tmp, contents)}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        if sparsity_config is not None:
-            # Edit the written file rather than model.config: saving must not change the model.
-            config_path = tmp / "config.json"
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-            config[SPARSITY_CONFIG_KEY] = sparsity_config
-            config_path.write_text(dump_json(config), encoding="utf-8")
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
         (tmp / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
         for name, content in (extra_files or {}).items():
@@ -137,13 +114,3 @@ def save_checkpoint(
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     return output_dir
-
-
-def _quantization_compressor(model: PreTrainedModel) -> Any:
-    """compressed-tensors' ModelCompressor for a model with quantized modules, else None (and
-    compressed-tensors is not even imported: the plain save path stays as it was)."""
-    if not any(hasattr(module, "quantization_scheme") for module in model.modules()):
-        return None
-    from compressed_tensors.compressors import ModelCompressor
-
-    return ModelCompressor.from_pretrained_model(model)

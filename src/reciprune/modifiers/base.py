@@ -40,6 +40,10 @@ class Modifier(BaseModel):
     run_types: ClassVar[tuple[str, ...]] = ("oneshot",)
     #: Whether the modifier reads a teacher model (`session.teacher`), e.g. distillation.
     needs_teacher: ClassVar[bool] = False
+    #: What the modifier leaves in the weights that the saved checkpoint must describe:
+    #: "sparsity" (zeros that stay zeros: metadata, sparse formats) and/or "quantization"
+    #: (modules with a quantization scheme: packed formats).
+    produces: ClassVar[frozenset[str]] = frozenset()
     #: Whether `on_prepare` adds trainable parameters inside the decoder layers (adapters,
     #: deltas): what ISTModifier schedules layer by layer.
     adds_layer_parameters: ClassVar[bool] = False
@@ -72,6 +76,27 @@ class Modifier(BaseModel):
     def needs_profile(self) -> bool:
         """Whether a dense statistics pass over all layers must run before calibration."""
         return False
+
+    @property
+    def mask_pattern(self) -> str | None:
+        """The sparsity structure the modifier leaves ('unstructured' or 'N:M'), or None when
+        it does not decide one (it keeps whatever mask the weights have)."""
+        return None
+
+    @property
+    def needs_4bit_base(self) -> bool:
+        """Whether the finetune stage must run on a 4-bit base (`load_in_4bit`); the modifier
+        then reads the NF4 backend from `session.base_quantization`."""
+        return False
+
+    def missing_4bit_base(self) -> Exception:
+        """The error for a run without the 4-bit base this modifier needs."""
+        from reciprune.errors import ReciPruneError
+
+        return ReciPruneError(
+            f"{self.type_name()} needs a 4-bit base: pass --load-in-4bit (or set "
+            "'load_in_4bit: true' under the stage's 'training:')."
+        )
 
     @property
     def requires_data(self) -> bool:

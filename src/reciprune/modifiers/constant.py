@@ -26,6 +26,7 @@ class ConstantPruningModifier(TargetedModifier):
 
     needs_calibration: ClassVar[bool] = False
     run_types: ClassVar[tuple[str, ...]] = ("oneshot", "finetune")
+    produces: ClassVar[frozenset[str]] = frozenset({"sparsity"})
     paper: ClassVar[str] = "SparseML ConstantPruningModifier (Kurtic et al., 'Sparse Fine-tuning "
     "for Inference Acceleration of Large Language Models', 2023)"
     legacy_fields: ClassVar[dict[str, str | None]] = {"params": "targets"}

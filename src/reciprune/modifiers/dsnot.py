@@ -103,6 +103,9 @@ class DSnoTModifier(PruningModifier):
             raise RecipeError(problem)
 
     def track_layer(self, session: LifecycleSession, modules: dict[str, nn.Module]) -> None:
+        # The dense weights, before a pruning modifier earlier in the stage compresses them at
+        # LAYER_CALIBRATED: the initial mask and the regrown values come from them.
+        self._dense = {m: weight_matrix(m).detach().clone() for m in modules.values()}
         for module in modules.values():
             session.statistics.track(
                 module,
@@ -114,7 +117,7 @@ class DSnoTModifier(PruningModifier):
         self, session: LifecycleSession, module: nn.Module, sparsity: float, n: int, m: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(weights, keep mask) before refinement."""
-        dense = session.weight_before(module)
+        dense = self._dense[module]
         if self.initial_method is None:
             current = weight_matrix(module)
             return current.clone(), current != 0
@@ -138,7 +141,7 @@ class DSnoTModifier(PruningModifier):
         W, keep = self._initial(session, module, sparsity, n, m)
         name = next(k for k, v in self.targeted_modules().items() if v is module)
         if not any(fragment in name for fragment in self.skip_layers):
-            dense = session.weight_before(module)
+            dense = self._dense[module]
             mean, var = session.statistics.channel_moments(module)
             # The reference sums x over a sequence's tokens (seqlen·μ); scaling μ the same way
             # keeps `update_threshold` in its units.

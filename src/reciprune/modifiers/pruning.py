@@ -111,6 +111,7 @@ class PruningModifier(TargetedModifier):
     needs_calibration: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = False
     run_types: ClassVar[tuple[str, ...]] = ("oneshot",)
+    produces: ClassVar[frozenset[str]] = frozenset({"sparsity"})
     legacy_fields: ClassVar[dict[str, str | None]] = {
         "sequential_update": None,
         "quantize": None,
@@ -209,6 +210,10 @@ class PruningModifier(TargetedModifier):
     @property
     def needs_profile(self) -> bool:
         return self.sparsity_profile == "owl"
+
+    @property
+    def mask_pattern(self) -> str | None:
+        return self.mask_structure
 
     # wiring ----------------------------------------------------------------------------------
     def on_initialize(self, session: LifecycleSession) -> None:

@@ -192,6 +192,7 @@ class QuantizationModifier(TargetedModifier):
     )
 
     run_types: ClassVar[tuple[str, ...]] = ("oneshot", "finetune")
+    produces: ClassVar[frozenset[str]] = frozenset({"quantization"})
     example_fields: ClassVar[dict[str, Any]] = {"scheme": "W4A16"}
     paper: ClassVar[str] = (
         "Frantar, Ashkboos, Hoefler & Alistarh, 'GPTQ: Accurate Post-Training Quantization for "

@@ -188,7 +188,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
     def _residual_backend(self, session: LifecycleSession) -> Any:
         if self.init != "quant_residual":
             return None
-        backend = getattr(session, "base_quantization", None)
+        backend = session.base_quantization
         if backend is None:
             raise self.missing_4bit_base()
         conv1d = [n for n, m in self._modules.items() if not isinstance(m, nn.Linear)]

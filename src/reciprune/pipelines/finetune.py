@@ -21,7 +21,6 @@ import math
 import os
 import random
 import shutil
-import signal
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -36,13 +35,11 @@ from torch import nn
 from reciprune.core import distributed as D
 from reciprune.core.events import EventType
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.session import LifecycleSession
+from reciprune.core.session import LifecycleSession, TrainingContext
 from reciprune.errors import ReciPruneError
 from reciprune.recipe.schema import Stage
 from reciprune.recipe.training import TrainingConfig
 
-#: Fault injection for the resume test: SIGKILL this process right after finishing this step.
-KILL_AFTER_STEP_ENV = "RECIPRUNE_FAULT_KILL_AFTER_STEP"
 CHECKPOINT_SUFFIX = ".checkpoints"
 COMPLETE_MARKER = "COMPLETE"
 TRAINER_STATE = "trainer_state.json"
@@ -139,7 +136,7 @@ def check_4bit_base(config: TrainingConfig, stage: Stage | None, world_size: int
     if stage is None or config.load_in_4bit:
         return
     for modifier in stage.modifiers:
-        if getattr(modifier, "needs_4bit_base", False):
+        if modifier.needs_4bit_base:
             raise ReciPruneError(f"stage {stage.name!r}: {modifier.missing_4bit_base()}")
 
 
@@ -276,6 +273,37 @@ def load_training_checkpoint(
     return trainer_state
 
 
+# --- callbacks --------------------------------------------------------------------------------
+class FinetuneCallback:
+    """Watches a finetune run without changing it (benchmarks, tests); every method is a no-op
+    unless overridden. Register one for every run of this process with `add_callback`."""
+
+    def on_prepare(self) -> None:
+        """Model and data loaded, before the modifiers' `on_prepare` adds anything."""
+
+    def on_train_begin(self, trainer: Trainer) -> None:
+        """The optimizer exists; the first step is next."""
+
+    def on_step_end(self, trainer: Trainer, step: int, record: dict[str, float]) -> None:
+        """Optimizer step `step` (0-based) finished (checkpoint written if one was due)."""
+
+    def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
+        """After the last step and the final held-out loss."""
+
+
+_CALLBACKS: list[FinetuneCallback] = []
+
+
+def add_callback(callback: FinetuneCallback) -> None:
+    """Call `callback` in every finetune run of this process."""
+    _CALLBACKS.append(callback)
+
+
+def callbacks() -> list[FinetuneCallback]:
+    """The registered callbacks."""
+    return list(_CALLBACKS)
+
+
 # --- the loop ---------------------------------------------------------------------------------
 @dataclass
 class TrainResult:
@@ -302,11 +330,12 @@ class Trainer:
     checkpoint_dir: Path | None = None
     progress: bool = True
     trainer_state_extra: dict[str, Any] = field(default_factory=dict)
+    plan: BatchPlan | None = None
 
     def __post_init__(self) -> None:
-        self.plan = plan_batches(self.config, len(self.train_data), D.world_size())
+        if self.plan is None:
+            self.plan = plan_batches(self.config, len(self.train_data), D.world_size())
         self.total_steps = total_steps(self.config, self.plan)
-        self.session.total_steps = self.total_steps
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise ReciPruneError(
@@ -316,7 +345,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(
             params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay
         )
-        self.session.optimizer = self.optimizer
+        self.session.start_training(self.optimizer)
         from transformers import get_scheduler
 
         self.scheduler = get_scheduler(
@@ -369,7 +398,6 @@ class Trainer:
             result.history = list(state["history"])[:start_step]
             result.evals = list(state.get("evals", []))
             result.tokens = int(state.get("tokens", 0))
-        kill_after = int(os.environ.get(KILL_AFTER_STEP_ENV, "-1"))
         bar = None
         if self.progress and D.is_main_process():
             from tqdm.auto import tqdm
@@ -379,9 +407,11 @@ class Trainer:
             # The held-out loss before any update: the curve's starting point.
             result.evals.append({"step": 0, "eval_loss": self.evaluate()})
         self.model.train()
+        for callback in _CALLBACKS:
+            callback.on_train_begin(self)
         started = time.perf_counter()
         for step in range(start_step, self.total_steps):
-            self.session.global_step = step
+            self.session.advance_to(step)
             t0 = time.perf_counter()
             record = self._step(step)
             record["seconds"] = time.perf_counter() - t0
@@ -415,13 +445,15 @@ class Trainer:
                     lr=f"{record['lr']:.2e}",
                     tok_s=f"{record['tokens'] / max(record['seconds'], 1e-9):.0f}",
                 )
-            if step == kill_after:
-                os.kill(os.getpid(), signal.SIGKILL)
+            for callback in _CALLBACKS:
+                callback.on_step_end(self, step, record)
         if bar is not None:
             bar.close()
-        self.session.global_step = self.total_steps
+        self.session.advance_to(self.total_steps)
         result.evals.append({"step": self.total_steps, "eval_loss": self.evaluate()})
         result.seconds = time.perf_counter() - started
+        for callback in _CALLBACKS:
+            callback.on_train_end(self, result)
         return result
 
     def _step(self, step: int) -> dict[str, float]:
@@ -474,8 +506,17 @@ def frozen_copy(model: nn.Module) -> nn.Module:
 
 
 def finetune_stage_session(
-    model: nn.Module, stage: Stage, teacher: nn.Module | None
+    model: nn.Module,
+    stage: Stage,
+    teacher: nn.Module | None,
+    training: TrainingContext | None = None,
+    total_steps: int | None = None,
 ) -> LifecycleSession:
     return LifecycleSession(
-        model, stage.modifiers, teacher=teacher, run_type="finetune", measure_reconstruction=False
+        model,
+        stage.modifiers,
+        teacher=teacher,
+        run_type="finetune",
+        training=training,
+        total_steps=total_steps,
     )

@@ -11,20 +11,18 @@ fingerprints, timings, every stage's metrics) so `reciprune run --from-manifest`
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
-from reciprune.data.calibration import DEFAULT_DATASET
 from reciprune.errors import ReciPruneError
-from reciprune.export.manifest import build_manifest, job_invocation
+from reciprune.export.manifest import build_manifest
 from reciprune.export.save import MANIFEST_FILE
 from reciprune.files import write_text_atomic
 from reciprune.models import DEFAULT_MODEL, resolve_model
+from reciprune.pipelines.jobs import FinetuneJob, OneshotJob, RunJob
 from reciprune.recipe import Recipe
+from reciprune.recipe.options import ModelOptions, OutputOptions
 from reciprune.recipe.schema import Stage
 from reciprune.recipe.training import TrainingConfig
 
@@ -34,38 +32,15 @@ BASE_TEACHER = "base"
 RECIPE_COPY = "recipe.yaml"
 
 
-@dataclass
-class RunJob:
-    """Options of `reciprune run`."""
-
-    recipe: Recipe
-    output_dir: Path
-    model: str | None = None
-    dataset: str | None = None
-    num_calibration_samples: int = 64
-    calibration_seq_length: int = 512
-    calibration_batch_size: int = 8
-    seed: int = 42
-    distill_teacher: str | None = None
-    nproc_per_node: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    eval_ppl: bool = True
-    ppl_file: str | None = None
-    ppl_samples: int = 16
-    trust_remote_code: bool = False
-    progress: bool = True
-
-
 def _complete(folder: Path) -> bool:
     return (folder / MANIFEST_FILE).is_file()
 
 
 def _check_output(job: RunJob) -> None:
-    out = job.output_dir
+    out = job.output.output_dir
     if out.exists() and not out.is_dir():
         raise ReciPruneError(f"output path {out} is a file. Choose another --output-dir.")
-    if out.is_dir() and any(out.iterdir()) and not (job.resume or job.overwrite):
+    if out.is_dir() and any(out.iterdir()) and not (job.output.resume or job.output.overwrite):
         raise ReciPruneError(
             f"output folder {out} already exists and is not empty. Pass --resume to continue "
             "the run it holds (finished stages are skipped), --overwrite to redo every stage, "
@@ -93,90 +68,86 @@ def resolve_teacher(
 
 
 def _training_for(job: RunJob, stage: Stage) -> TrainingConfig:
-    values = stage.training.model_dump(exclude_unset=True) if stage.training else {}
-    if job.dataset is not None and "dataset" not in values:
-        values["dataset"] = job.dataset
-    if job.distill_teacher is not None:
-        values["distill_teacher"] = job.distill_teacher
+    values = stage.training.given() if stage.training else {}
+    if "dataset" in job.calibration.model_fields_set and "dataset" not in values:
+        values["dataset"] = job.calibration.dataset
+    if job.run.distill_teacher is not None:
+        values["distill_teacher"] = job.run.distill_teacher
     values["distill_teacher"] = resolve_teacher(
-        values.get("distill_teacher"), job.recipe, stage, job.output_dir, job.model
+        values.get("distill_teacher"), job.recipe, stage, job.output.output_dir, job.model.model
     )
     return TrainingConfig.model_validate(values)
 
 
+def _stage_job(job: RunJob, stage: Stage, model: str | None, training: TrainingConfig | None):
+    """The oneshot or finetune job that runs `stage` of the run into OUTPUT_DIR/<stage>/."""
+    folder = job.output.output_dir / stage.name
+    resume = job.output.resume and folder.with_name(folder.name + ".checkpoints").is_dir()
+    common = {
+        "recipe": job.recipe.select(stage.name),
+        "output": OutputOptions(
+            output_dir=folder,
+            overwrite=job.output.overwrite,
+            resume=resume and stage.run_type == "finetune",
+            progress=job.output.progress,
+        ),
+        "model": ModelOptions(model=model, trust_remote_code=job.model.trust_remote_code),
+        "evaluation": job.evaluation,
+    }
+    if stage.run_type == "oneshot":
+        return OneshotJob(**common, calibration=job.calibration)
+    return FinetuneJob(**common, training=training)
+
+
 def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
     """Run each stage; yields (stage name, output folder) as each finishes (or is skipped)."""
-    from reciprune.pipelines.jobs import FinetuneJob, OneshotJob, run_finetune_job, run_oneshot_job
+    from reciprune.pipelines.finetune_job import run_finetune_job
+    from reciprune.pipelines.launch import run_under_torchrun
+    from reciprune.pipelines.oneshot import run_oneshot_job
 
-    job.output_dir = Path(job.output_dir).expanduser().absolute()
+    output_dir = Path(job.output.output_dir).expanduser().absolute()
+    job = job.with_output(output_dir=output_dir)
     _check_output(job)
-    source = resolve_model(job.model)  # a bad --model fails here, before any stage starts
+    source = resolve_model(job.model.model)  # a bad --model fails here, before any stage starts
     started = time.perf_counter()
     # Teacher references and training arguments are checked before the first stage starts.
     trainings = {
         s.name: _training_for(job, s) for s in job.recipe.stages if s.run_type == "finetune"
     }
-    job.output_dir.mkdir(parents=True, exist_ok=True)
-    (job.output_dir / RECIPE_COPY).write_text(job.recipe.to_yaml(), encoding="utf-8")
-    model = job.model
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / RECIPE_COPY).write_text(job.recipe.to_yaml(), encoding="utf-8")
+    model = job.model.model
     summary: list[dict] = []
     timings: dict[str, float] = {}
     for stage in job.recipe.stages:
-        folder = job.output_dir / stage.name
+        folder = output_dir / stage.name
         stage_started = time.perf_counter()
-        if job.resume and _complete(folder):
+        if job.output.resume and _complete(folder):
             summary.append({"stage": stage.name, "folder": str(folder), "skipped": True})
             model = str(folder)
             yield stage.name, folder
             continue
+        stage_job = _stage_job(job, stage, model, trainings.get(stage.name))
         if stage.run_type == "oneshot":
-            result = run_oneshot_job(
-                OneshotJob(
-                    recipe=job.recipe.select(stage.name),
-                    output_dir=folder,
-                    model=model,
-                    dataset=job.dataset or DEFAULT_DATASET,
-                    num_calibration_samples=job.num_calibration_samples,
-                    max_seq_length=job.calibration_seq_length,
-                    calibration_batch_size=job.calibration_batch_size,
-                    seed=job.seed,
-                    eval_ppl=job.eval_ppl,
-                    ppl_file=job.ppl_file,
-                    ppl_samples=job.ppl_samples,
-                    overwrite=job.overwrite,
-                    trust_remote_code=job.trust_remote_code,
-                    progress=job.progress,
+            metrics = run_oneshot_job(stage_job)["metrics"]
+        elif job.launch.nproc_per_node:
+            code = run_under_torchrun(stage_job, job.launch.nproc_per_node)
+            if code != 0:
+                raise ReciPruneError(
+                    f"stage {stage.name!r} failed under torchrun (exit status {code}); its "
+                    "messages are above. Fix the cause and rerun with --resume to skip the "
+                    "finished stages."
                 )
-            )
-            metrics = result["metrics"]
-        elif job.nproc_per_node:
-            _finetune_under_torchrun(job, stage, trainings[stage.name], model, folder)
             metrics = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["metrics"]
         else:
-            result = run_finetune_job(
-                FinetuneJob(
-                    stage=stage,
-                    recipe_yaml=job.recipe.select(stage.name).to_yaml(),
-                    training=trainings[stage.name],
-                    output_dir=folder,
-                    model=model,
-                    resume=job.resume and folder.with_name(folder.name + ".checkpoints").is_dir(),
-                    overwrite=job.overwrite,
-                    eval_ppl=job.eval_ppl,
-                    ppl_file=job.ppl_file,
-                    ppl_samples=job.ppl_samples,
-                    trust_remote_code=job.trust_remote_code,
-                    progress=job.progress,
-                )
-            )
-            metrics = result["metrics"]
+            metrics = run_finetune_job(stage_job)["metrics"]
         summary.append({"stage": stage.name, "folder": str(folder), "metrics": metrics})
         timings[stage.name] = time.perf_counter() - stage_started
         model = str(folder)
         yield stage.name, folder
     timings["total"] = time.perf_counter() - started
-    _write_json(job.output_dir / RUN_FILE, {"stages": summary, "final": model})
-    _write_json(job.output_dir / MANIFEST_FILE, _run_manifest(job, source, timings))
+    _write_json(output_dir / RUN_FILE, {"stages": summary, "final": model})
+    _write_json(output_dir / MANIFEST_FILE, _run_manifest(job, source, timings))
 
 
 def _run_manifest(job: RunJob, source, timings: dict[str, float]) -> dict:
@@ -184,7 +155,8 @@ def _run_manifest(job: RunJob, source, timings: dict[str, float]) -> dict:
     (read back from the stage folders, which stay the full per-stage manifests)."""
     stages = {}
     for stage in job.recipe.stages:
-        record = json.loads((job.output_dir / stage.name / MANIFEST_FILE).read_text("utf-8"))
+        folder = job.output.output_dir / stage.name
+        record = json.loads((folder / MANIFEST_FILE).read_text("utf-8"))
         stages[stage.name] = {
             "folder": stage.name,
             "run_type": stage.run_type,
@@ -198,7 +170,7 @@ def _run_manifest(job: RunJob, source, timings: dict[str, float]) -> dict:
         recipe_yaml=job.recipe.to_yaml(),
         model_source=source,
         data_fingerprint={name: s["data_fingerprint"] for name, s in stages.items()},
-        seed=job.seed,
+        seed=job.calibration.seed,
         metrics={name: s["metrics"] for name, s in stages.items()},
         timings=timings,
         layers={},  # per-module records live in each stage folder's manifest
@@ -207,45 +179,9 @@ def _run_manifest(job: RunJob, source, timings: dict[str, float]) -> dict:
             "stages": list(stages),
             "stage_records": stages,
             "final": job.recipe.stage_names[-1],
-            "invocation": job_invocation(job),
+            "options": job.options(),
         },
     )
-
-
-def _finetune_under_torchrun(
-    job: RunJob, stage: Stage, training: TrainingConfig, model: str | None, folder: Path
-) -> None:
-    recipe_file = job.output_dir / RECIPE_COPY
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={job.nproc_per_node}", "-m", "reciprune", "finetune",
-        "--recipe", str(recipe_file), "--stage", stage.name, "--output-dir", str(folder),
-        "--ppl-samples", str(job.ppl_samples),
-    ]  # fmt: skip
-    if model is not None:
-        command += ["--model", model]
-    if training.dataset is not None:
-        command += ["--dataset", training.dataset]
-    if training.distill_teacher is not None:
-        command += ["--distill-teacher", training.distill_teacher]
-    if job.resume and folder.with_name(folder.name + ".checkpoints").is_dir():
-        command.append("--resume")
-    if job.overwrite:
-        command.append("--overwrite")
-    if not job.eval_ppl:
-        command.append("--no-eval-ppl")
-    if job.ppl_file:
-        command += ["--ppl-file", job.ppl_file]
-    if job.trust_remote_code:
-        command.append("--trust-remote-code")
-    if not job.progress:
-        command.append("--no-progress")
-    code = subprocess.call(command)
-    if code != 0:
-        raise ReciPruneError(
-            f"stage {stage.name!r} failed under torchrun (exit status {code}); its messages are "
-            "above. Fix the cause and rerun with --resume to skip the finished stages."
-        )
 
 
 def _write_json(path: Path, data: dict) -> None:

@@ -1,201 +1,176 @@
-"""Layer-by-layer oneshot calibration: one decoder layer's activations in memory at a time.
+"""Oneshot compression: `run_oneshot` on a loaded model, `run_oneshot_job` for the command.
 
-1. Run the model up to its first decoder layer on every calibration batch and keep that layer's
-   inputs (hidden states and the keyword arguments the model passes: masks, position embeddings).
-2. For each decoder layer: LAYER_START (modifiers ask for input statistics), forward every batch
-   through the layer (hooks accumulate the statistics), LAYER_CALIBRATED (modifiers compress the
-   layer), then forward again through the compressed layer to get the next layer's inputs.
-No tracing, nothing model-specific beyond finding the layers list.
+`run_oneshot` hands a stage's modifiers to a calibration pipeline (`pipelines.calibration`);
+the job loads the model and data, runs every stage, measures perplexity and saves one
+checkpoint in the format the modifiers' results call for (`export.formats`).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from reciprune.core.events import EventType
-from reciprune.core.layers import find_decoder_layers
-from reciprune.core.session import LifecycleSession
+from reciprune.data.calibration import CalibrationData, load_calibration
 from reciprune.errors import ReciPruneError
+from reciprune.export import build_manifest, layer_sparsity_report, save_checkpoint
+from reciprune.export.formats import CheckpointContents
+from reciprune.export.manifest import describe_sparsity
+from reciprune.export.save import check_output_dir
+from reciprune.models import load_model, resolve_model
 from reciprune.modifiers.base import Modifier
+from reciprune.pipelines.calibration import OneshotResult, select_pipeline
+from reciprune.pipelines.job_run import JobRun
+from reciprune.pipelines.jobs import OneshotJob
+from reciprune.recipe.options import CalibrationOptions
+from reciprune.recipe.schema import Stage
 
-
-class _StopForward(Exception):
-    """Raised by the capture hook once the first decoder layer's inputs are recorded."""
-
-
-@dataclass
-class LayerInputs:
-    """Positional hidden states and keyword arguments of one calibration batch at a decoder layer."""
-
-    hidden: torch.Tensor
-    kwargs: dict[str, Any]
-
-
-@dataclass
-class OneshotResult:
-    """What a oneshot stage did: the session's per-module records and timings (seconds)."""
-
-    records: dict[str, dict[str, Any]]
-    timings: dict[str, float] = field(default_factory=dict)
-
-
-def _detach(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.detach()
-    if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
-    return value
-
-
-@torch.no_grad()
-def capture_layer_inputs(
-    model: nn.Module, first_layer: nn.Module, batches: Iterable[dict[str, torch.Tensor]]
-) -> list[LayerInputs]:
-    """Run `model` on each batch only as far as `first_layer` and record that layer's inputs."""
-    captured: list[LayerInputs] = []
-
-    def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        kwargs = dict(kwargs)
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        extra = {k: _detach(v) for k, v in kwargs.items()}
-        captured.append(LayerInputs(hidden.detach(), extra))
-        raise _StopForward
-
-    handle = first_layer.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        device = next(model.parameters()).device
-        for batch in batches:
-            try:
-                model(**{k: _to(v, device) for k, v in batch.items()}, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-    return captured
-
-
-def _to(value: Any, device: torch.device) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, tuple):
-        return tuple(_to(v, device) for v in value)
-    return value
-
-
-def activation_storage(model: nn.Module, inputs: list[LayerInputs]) -> torch.device:
-    """Where to keep the calibration activations between layers: on the model's accelerator
-    when they (twice: inputs and outputs) fit in half its free memory, else in CPU memory."""
-    device = next(model.parameters()).device
-    if device.type != "cuda" or not inputs:
-        return device
-    needed = 2 * sum(item.hidden.numel() * item.hidden.element_size() for item in inputs)
-    free, _total = torch.cuda.mem_get_info(device)
-    return device if needed < free / 2 else torch.device("cpu")
-
-
-def _layer_output(output: Any) -> torch.Tensor:
-    # transformers 5 decoder layers return a tensor; older ones and GPT-2/OPT return tuples.
-    return output[0] if isinstance(output, tuple | list) else output
+Batch = dict[str, torch.Tensor]
 
 
 def run_oneshot(
     model: nn.Module,
     modifiers: list[Modifier],
-    batches: list[dict[str, torch.Tensor]] | None,
+    batches: list[Batch] | None,
     *,
     progress: bool = True,
     description: str = "oneshot",
+    pipeline: str = "auto",
 ) -> OneshotResult:
     """Apply oneshot `modifiers` to `model` layer by layer over the calibration `batches`."""
-    timings: dict[str, float] = {}
-    started = time.perf_counter()
-    session = LifecycleSession(model, modifiers, run_type="oneshot")
-    session.initialize()
-    needs_data = any(m.requires_data for m in modifiers)
-    if needs_data and not batches:
+    cls = select_pipeline(modifiers, pipeline)
+    return cls(progress=progress, description=description).run(model, modifiers, batches)
+
+
+@dataclass(kw_only=True)
+class _OneshotRun(JobRun):
+    """What the steps of one oneshot job share."""
+
+    job: OneshotJob
+    records: dict[str, dict[str, Any]] = field(default_factory=dict)
+    data: dict[str, CalibrationData] = field(default_factory=dict)  # by stage
+
+
+def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
+    """Run every stage of `job.recipe` (all oneshot) and save one checkpoint; returns metrics."""
+    run = _check(job)
+    t0 = time.perf_counter()
+    torch.manual_seed(job.calibration.over(job.recipe.stages[0].calibration).seed)
+    model, tokenizer, run.source = load_model(
+        run.source.spec, trust_remote_code=job.model.trust_remote_code
+    )
+    run.timed("load_model", t0)
+    _load_data(run, tokenizer)
+    run.measure_ppl(model, tokenizer, "ppl_dense", "eval_dense")
+    for stage in job.recipe.stages:
+        data = run.data.get(stage.name)
+        calibration = job.stage_calibration(stage)
+        batches = list(data.batches(calibration.calibration_batch_size)) if data else None
+        result = run_oneshot(
+            model, stage.modifiers, batches, progress=job.output.progress, description=stage.name
+        )
+        for name, record in result.records.items():
+            run.records.setdefault(name, {}).update(record)
+        run.timings.update({f"{stage.name}.{k}": v for k, v in result.timings.items()})
+    run.measure_ppl(model, tokenizer, "ppl_compressed", "eval_compressed")
+    layers = _save(run, model, tokenizer)
+    return {"metrics": run.metrics, "timings": run.timings, "layers": layers}
+
+
+def _check(job: OneshotJob) -> _OneshotRun:
+    """Everything that can fail on user input, before weights load."""
+    finetune = [s.name for s in job.recipe.stages if s.run_type != "oneshot"]
+    if finetune:
         raise ReciPruneError(
-            "this stage's modifiers need calibration data but none was given; pass --dataset "
-            "(or keep the embedded default) and --num-calibration-samples > 0"
+            f"this recipe has finetune stage(s) {finetune}; `reciprune oneshot` runs oneshot "
+            "stages only: pass --stage NAME to run one of its oneshot stages"
         )
-    layers_name, layers = find_decoder_layers(model)
-    was_training = model.training
-    model.eval()
-    try:
-        device = next(model.parameters()).device
-        inputs: list[LayerInputs] = []
-        storage = device
+    check_output_dir(job.output.output_dir, job.output.overwrite)
+    run = _OneshotRun(job=job, source=resolve_model(job.model.model))  # bad paths fail here
+    run.load_eval_texts()
+    return run
 
-        def capture() -> list[LayerInputs]:
-            t0 = time.perf_counter()
-            captured = capture_layer_inputs(model, layers[0], batches or [])
-            timings["capture"] = timings.get("capture", 0.0) + time.perf_counter() - t0
-            for item in captured:
-                item.hidden = item.hidden.to(storage)
-            return captured
 
-        if needs_data:
-            inputs = capture()
-            storage = activation_storage(model, inputs)
-            for item in inputs:
-                item.hidden = item.hidden.to(storage)
-        if any(m.needs_profile for m in modifiers):
-            # A dense statistics pass first: layer-wise profiles (OWL) need every layer's
-            # statistics before the first layer is compressed.
-            t0 = time.perf_counter()
-            profile_bar = tqdm(
-                list(enumerate(layers)),
-                desc=f"{description} (profile)",
-                unit="layer",
-                disable=not progress,
+def _needs_data(stage: Stage) -> bool:
+    return any(m.requires_data for m in stage.modifiers)
+
+
+def _load_data(run: _OneshotRun, tokenizer: Any) -> None:
+    """Each stage's calibration data (stages with the same options share one load)."""
+    t0 = time.perf_counter()
+    loaded: dict[str, CalibrationData] = {}
+    for stage in run.job.recipe.stages:
+        if not _needs_data(stage):
+            continue
+        options = run.job.stage_calibration(stage)
+        key = options.model_dump_json(exclude={"calibration_batch_size"})
+        if key not in loaded:
+            loaded[key] = load_calibration(
+                options.dataset,
+                tokenizer,
+                num_samples=options.num_calibration_samples,
+                max_seq_length=options.max_seq_length,
+                seed=options.seed,
             )
-            for index, layer in profile_bar:
-                fields = {"layer_index": index, "layer_name": f"{layers_name}.{index}", "layer": layer}
-                session.event(EventType.PROFILE_LAYER_START, **fields)
-                with torch.no_grad():
-                    for item in inputs:
-                        output = _layer_output(layer(item.hidden.to(device), **item.kwargs))
-                        item.hidden = output.to(storage)
-                session.event(EventType.PROFILE_LAYER_END, **fields)
-            session.event(EventType.PROFILE_END)
-            timings["profile"] = time.perf_counter() - t0
-            inputs = capture()
-        session.event(EventType.CALIBRATION_START)
-        timings.update(calibration_forward=0.0, compress=0.0, propagate=0.0)
-        bar = tqdm(
-            list(enumerate(layers)), desc=description, unit="layer", disable=not progress, leave=True
-        )
-        for index, layer in bar:
-            fields = {"layer_index": index, "layer_name": f"{layers_name}.{index}", "layer": layer}
-            session.event(EventType.LAYER_START, **fields)
-            t0 = time.perf_counter()
-            if session.statistics.tracking:
-                with torch.no_grad():
-                    for item in inputs:
-                        layer(item.hidden.to(device), **item.kwargs)
-            t1 = time.perf_counter()
-            session.event(EventType.LAYER_CALIBRATED, **fields)
-            t2 = time.perf_counter()
-            with torch.no_grad():
-                for item in inputs:
-                    output = _layer_output(layer(item.hidden.to(device), **item.kwargs))
-                    item.hidden = output.to(storage)
-            t3 = time.perf_counter()
-            timings["calibration_forward"] += t1 - t0
-            timings["compress"] += t2 - t1
-            timings["propagate"] += t3 - t2
-        session.event(EventType.CALIBRATION_END)
-        session.finalize()
-    except BaseException:
-        session.abort()
-        raise
-    finally:
-        model.train(was_training)
-    timings["total"] = time.perf_counter() - started
-    return OneshotResult(records=dict(session.records), timings=timings)
+        run.data[stage.name] = loaded[key]
+    if loaded:
+        run.timed("load_data", t0)
+
+
+def _calibration_record(run: _OneshotRun) -> dict[str, Any]:
+    """The calibration each stage read, for the manifest."""
+    stages = run.job.recipe.stages
+    options = {s.name: run.job.stage_calibration(s) for s in stages}
+    first: CalibrationOptions = options[stages[0].name]
+    return {
+        "dataset": first.dataset,
+        "num_samples": first.num_calibration_samples if run.data else 0,
+        "max_seq_length": first.max_seq_length,
+        "stages": {name: o.model_dump(mode="json") for name, o in options.items()},
+    }
+
+
+def _save(run: _OneshotRun, model: nn.Module, tokenizer: Any) -> dict[str, dict[str, Any]]:
+    job = run.job
+    layers = layer_sparsity_report(model, list(run.records) or None)
+    for name, record in run.records.items():
+        layers.setdefault(name, {}).update(record)
+    modifiers = [m for s in job.recipe.stages for m in s.modifiers]
+    sparsity = describe_sparsity(model, modifiers)
+    if sparsity is not None:
+        run.metrics["global_sparsity"] = sparsity["global_sparsity"]
+    recipe_yaml = job.recipe.to_yaml()
+    fingerprints = {d.fingerprint for d in run.data.values()}
+    manifest = build_manifest(
+        recipe_yaml=recipe_yaml,
+        model_source=run.source,
+        data_fingerprint=next(iter(fingerprints)) if len(fingerprints) == 1 else (
+            {name: d.fingerprint for name, d in run.data.items()} or None
+        ),
+        seed=job.stage_calibration(job.recipe.stages[0]).seed,
+        metrics=run.metrics,
+        timings=run.timings,
+        layers=layers,
+        extra={
+            "run_type": "oneshot",
+            "stages": job.recipe.stage_names,
+            "options": job.options(),
+            "calibration": _calibration_record(run),
+        },
+    )
+    contents = CheckpointContents(
+        sparsity=sparsity, quantized=any("quantization" in m.produces for m in modifiers)
+    )
+    save_checkpoint(
+        model,
+        tokenizer,
+        job.output.output_dir,
+        recipe_yaml=recipe_yaml,
+        manifest=manifest,
+        contents=contents,
+        overwrite=job.output.overwrite,
+    )
+    return layers

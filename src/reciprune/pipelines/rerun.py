@@ -11,34 +11,31 @@ output folder and a run manifest a run folder. Everything is checked before any 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
-from collections.abc import Callable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from reciprune.errors import RecipeError, ReciPruneError
+from reciprune.errors import ReciPruneError
 from reciprune.export.manifest import sha256_text
 from reciprune.export.save import MANIFEST_FILE
 from reciprune.models import DEFAULT_MODEL, ModelSource, resolve_model
+from reciprune.pipelines.jobs import JOB_KINDS, Job, load_job
 from reciprune.recipe import Recipe, load_recipe
-from reciprune.recipe.training import TrainingConfig
-
-RUN_TYPES = ("oneshot", "finetune", "run")
+from reciprune.recipe.options import OutputOptions
 
 
 @dataclass
 class Rerun:
     """What a manifest asks to run again, ready to start (see `prepare_rerun`)."""
 
-    run_type: str
-    job: Any  # OneshotJob, FinetuneJob or RunJob
+    job: Job
     manifest: dict[str, Any]
     manifest_path: Path
     world_size: int = 1
+
+    @property
+    def run_type(self) -> str:
+        return self.job.kind
 
 
 def load_manifest(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -83,31 +80,15 @@ def manifest_recipe(manifest: dict[str, Any], path: Path) -> Recipe:
         raise _missing(path, "the recipe's hash (recipe_sha256)")
     stored = manifest.get("recipe")
     if isinstance(stored, str) and sha256_text(stored) == expected:
-        return _explicit_recipe(stored)
+        return load_recipe(stored)
     beside = path.parent / "recipe.yaml"
     if beside.is_file() and sha256_text(beside.read_text(encoding="utf-8")) == expected:
-        return _explicit_recipe(beside.read_text(encoding="utf-8"))
+        return load_recipe(beside.read_text(encoding="utf-8"))
     raise ReciPruneError(
         f"--from-manifest {path}: neither the recipe stored in the manifest nor {beside} has the "
         f"recorded hash {expected[:12]}…, so the recipe that was applied is not available (it "
         "was changed or removed). Restore the original recipe.yaml beside the manifest."
     )
-
-
-def _explicit_recipe(text: str) -> Recipe:
-    """A recipe reciprune saved (`Recipe.to_yaml`, the explicit form). The user-facing parser
-    rejects a stage with `modifiers: []`, which is how a dense finetune stage is saved, so that
-    form is validated directly."""
-    try:
-        return load_recipe(text)
-    except RecipeError:
-        data = yaml.safe_load(text)
-        if not isinstance(data, dict) or "stages" not in data:
-            raise
-        try:
-            return Recipe.model_validate(data)
-        except ValueError:
-            raise RecipeError(f"the recorded recipe does not validate: {text[:200]}") from None
 
 
 def check_source(
@@ -145,84 +126,88 @@ def check_source(
     return None if source.spec == DEFAULT_MODEL else source.spec
 
 
-def _options(cls: type, invocation: dict[str, Any], path: Path) -> dict[str, Any]:
-    names = {f.name for f in fields(cls)}
-    unknown = sorted(set(invocation) - names - {"world_size"})
-    if unknown:
-        raise ReciPruneError(
-            f"--from-manifest {path}: the manifest records options this reciprune does not know "
-            f"({', '.join(unknown)}); it was written by another version. Re-run it with that "
-            "version, or by hand with `reciprune run --recipe`."
-        )
-    return {k: v for k, v in invocation.items() if k in names}
+#: Option names of manifests written before options were grouped (`invocation`).
+_LEGACY_NAMES = {"calibration_seq_length": "max_seq_length"}
+_LEGACY_DROPPED = {"world_size", "ppl_max_seq_length"}
+
+
+def _recorded_options(manifest: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
+    """The job's options as recorded: `options` (grouped), or an older flat `invocation`."""
+    if isinstance(manifest.get("options"), dict):
+        options = dict(manifest["options"])
+    elif isinstance(manifest.get("invocation"), dict):
+        options = _group_legacy(manifest["invocation"], kind, path)
+    else:
+        raise _missing(path, "the options it ran with (options)")
+    if kind == "finetune" and "training" not in options:
+        if "training" not in manifest:
+            raise _missing(path, "the training arguments (training)")
+        options["training"] = manifest["training"]
+    return options
+
+
+def _group_legacy(flat: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
+    cls = JOB_KINDS[kind]
+    groups: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        if key in _LEGACY_DROPPED:
+            continue
+        name = _LEGACY_NAMES.get(key, key)
+        group = next(
+            (g for g in cls.option_groups if g != "training"
+             and name in cls.model_fields[g].annotation.model_fields),
+            None,
+        )  # fmt: skip
+        if group is None:
+            raise ReciPruneError(
+                f"--from-manifest {path}: the manifest records an option this reciprune does not "
+                f"know ({key}); it was written by another version. Re-run it with that version, "
+                "or by hand with `reciprune run --recipe`."
+            )
+        groups.setdefault(group, {})[name] = value
+    return groups
 
 
 def prepare_rerun(
     manifest_path: str | Path,
-    output_dir: Path,
+    output: OutputOptions,
     *,
     allow_model_change: bool = False,
     trust_remote_code: bool = False,
-    overwrite: bool = False,
-    resume: bool = False,
-    progress: bool = True,
 ) -> Rerun:
-    """Rebuild the job a manifest records, with `output_dir` as its output; every check (recipe
-    hash, options, model and teacher fingerprints, trust_remote_code) runs here, before any
-    weights load."""
-    from reciprune.pipelines.jobs import FinetuneJob, OneshotJob
-    from reciprune.pipelines.multistage import RunJob
-
+    """Rebuild the job a manifest records, writing to `output`; every check (recipe hash,
+    options, model and teacher fingerprints, trust_remote_code) runs here, before any weights
+    load."""
     manifest, path = load_manifest(manifest_path)
-    run_type = manifest.get("run_type")
-    if run_type not in RUN_TYPES:
+    kind = manifest.get("run_type")
+    if kind not in JOB_KINDS:
         raise _missing(path, "which command wrote it (run_type)")
-    invocation = manifest.get("invocation")
-    if not isinstance(invocation, dict):
-        raise _missing(path, "the options it ran with (invocation)")
-    if invocation.get("trust_remote_code") and not trust_remote_code:
+    options = _recorded_options(manifest, kind, path)
+    model = dict(options.get("model", {}))
+    if model.get("trust_remote_code") and not trust_remote_code:
         raise ReciPruneError(
             f"--from-manifest {path}: the recorded run allowed the model's own code to run "
             "(--trust-remote-code). Pass --trust-remote-code again if you still trust it."
         )
     recipe = manifest_recipe(manifest, path)
-    model = check_source(
+    model["model"] = check_source(
         manifest.get("model"), "model", path, allow_changed=allow_model_change
     )
-    common = {"output_dir": Path(output_dir), "progress": progress}
-    if run_type == "oneshot":
-        options = _options(OneshotJob, invocation, path)
-        job = OneshotJob(recipe=recipe, **{**options, "model": model, "overwrite": overwrite},
-                         **common)  # fmt: skip
-        return Rerun("oneshot", job, manifest, path)
-    if run_type == "run":
-        options = _options(RunJob, invocation, path)
-        job = RunJob(
-            recipe=recipe,
-            **{**options, "model": model, "overwrite": overwrite, "resume": resume},
-            **common,
-        )
-        return Rerun("run", job, manifest, path)
-    # finetune: the recorded training arguments are the recipe's values merged with the flags.
-    if "training" not in manifest:
-        raise _missing(path, "the training arguments (training)")
-    stage = recipe.stages[0]
-    training = TrainingConfig.model_validate(manifest["training"])
-    if manifest.get("teacher"):
+    options["model"] = model
+    if kind == "finetune" and manifest.get("teacher"):
         teacher = check_source(
             manifest["teacher"], "distillation teacher", path, allow_changed=allow_model_change
         )
-        training = training.model_copy(update={"distill_teacher": teacher or DEFAULT_MODEL})
-    stage = stage.model_copy(update={"training": training})
-    options = _options(FinetuneJob, invocation, path)
-    job = FinetuneJob(
-        stage=stage,
-        recipe_yaml=recipe.to_yaml(),
-        training=training,
-        **{**options, "model": model, "overwrite": overwrite, "resume": resume},
-        **common,
-    )
-    return Rerun("finetune", job, manifest, path, int(invocation.get("world_size") or 1))
+        options["training"] = {**options["training"], "distill_teacher": teacher or DEFAULT_MODEL}
+    try:
+        job = load_job({"kind": kind, "recipe": recipe, "options": options}, output=output)
+    except ValueError as exc:
+        raise ReciPruneError(
+            f"--from-manifest {path}: the recorded options do not validate ({exc}); it was "
+            "written by another version of reciprune."
+        ) from None
+    world_size = int(manifest.get("world_size") or manifest.get("invocation", {}).get("world_size") or 1)
+    return Rerun(job, manifest, path, world_size)
 
 
 def compare_data(rerun: Rerun, new_manifest: dict[str, Any]) -> list[str]:
@@ -235,91 +220,31 @@ def compare_data(rerun: Rerun, new_manifest: dict[str, Any]) -> list[str]:
     return ["data"]
 
 
-#: `reciprune run` options whose value a manifest records: not allowed with --from-manifest.
-RECORDED_RUN_FLAGS = (
-    "--set", "--stage", "--model", "--dataset", "--num-calibration-samples",
-    "--calibration-seq-length", "--calibration-batch-size", "--seed", "--distill-teacher",
-    "--nproc-per-node", "--eval-ppl", "--no-eval-ppl", "--ppl-file", "--ppl-samples",
-)  # fmt: skip
+def run_rerun(rerun: Rerun) -> list[str]:
+    """Run the rebuilt job as the command that wrote it; returns where the data read now has
+    another fingerprint than recorded ([] when none)."""
+    job = rerun.job
+    if job.kind == "oneshot":
+        from reciprune.pipelines.oneshot import run_oneshot_job
 
+        run_oneshot_job(job)
+    elif job.kind == "finetune" and rerun.world_size > 1:
+        from reciprune.pipelines.launch import run_under_torchrun
 
-def run_from_manifest(args: Any, argv: list[str], *, torchrun: Callable[..., int]) -> int:
-    """`reciprune run --from-manifest M --output-dir NEW`: the recorded job, run again.
-
-    `args` are the parsed `reciprune run` arguments; `torchrun(n, argv)` starts a reciprune
-    command on n processes (a finetune recorded with several)."""
-    given = sorted({f for f in RECORDED_RUN_FLAGS for a in argv if a == f or a.startswith(f + "=")})
-    if given:
-        raise ReciPruneError(
-            f"--from-manifest re-runs exactly what the manifest records, so {', '.join(given)} "
-            "cannot be given with it. To change something, run the recipe.yaml beside the "
-            "manifest with `reciprune run --recipe` and the options you want."
-        )
-    output = Path(args.output_dir)
-    rerun = prepare_rerun(
-        args.from_manifest,
-        output,
-        allow_model_change=args.allow_model_change,
-        trust_remote_code=args.trust_remote_code,
-        overwrite=args.overwrite,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
-    print(f"re-running the {rerun.run_type} recorded in {rerun.manifest_path}")
-    if rerun.run_type == "oneshot":
-        from reciprune.pipelines.jobs import run_oneshot_job
-
-        run_oneshot_job(rerun.job)
-    elif rerun.run_type == "finetune" and rerun.world_size > 1:
-        recipe_file = _stage_file(rerun)
-        try:
-            code = torchrun(rerun.world_size, _finetune_argv(rerun.job, recipe_file))
-        finally:
-            Path(recipe_file).unlink(missing_ok=True)
+        code = run_under_torchrun(job, rerun.world_size)
         if code != 0:
-            return code
-    elif rerun.run_type == "finetune":
-        from reciprune.pipelines.jobs import run_finetune_job
+            raise ReciPruneError(
+                f"the re-run failed under torchrun (exit status {code}); its messages are above."
+            )
+    elif job.kind == "finetune":
+        from reciprune.pipelines.finetune_job import run_finetune_job
 
-        run_finetune_job(rerun.job)
+        run_finetune_job(job)
     else:
         from reciprune.pipelines.multistage import run_stages
 
-        for stage, folder in run_stages(rerun.job):
-            print(f"stage {stage}: {folder}")
+        for _stage in run_stages(job):
+            pass
+    output = Path(job.output.output_dir)
     new = json.loads((output / MANIFEST_FILE).read_text(encoding="utf-8"))
-    differ = compare_data(rerun, new)
-    if differ:
-        print(
-            f"note: the data read now has another fingerprint than recorded ({', '.join(differ)}): "
-            "the data set or its cache changed, so the result may differ."
-        )
-    print(f"saved to {output}")
-    return 0
-
-
-def _stage_file(rerun: Rerun) -> str:
-    """A recipe file whose one stage carries the recorded training arguments (for torchrun)."""
-    handle, name = tempfile.mkstemp(suffix=".yaml", prefix=".reciprune-rerun-")
-    with os.fdopen(handle, "w", encoding="utf-8") as f:
-        f.write(Recipe(stages=[rerun.job.stage]).to_yaml())
-    return name
-
-
-def _finetune_argv(job: Any, recipe_file: str) -> list[str]:
-    command = ["finetune", "--recipe", recipe_file, "--output-dir", str(job.output_dir),
-               "--ppl-samples", str(job.ppl_samples)]  # fmt: skip
-    if job.model is not None:
-        command += ["--model", job.model]
-    if job.training.distill_teacher is not None:
-        command += ["--distill-teacher", job.training.distill_teacher]
-    if job.ppl_file:
-        command += ["--ppl-file", job.ppl_file]
-    switches = {
-        "--no-eval-ppl": not job.eval_ppl,
-        "--overwrite": job.overwrite,
-        "--resume": job.resume,
-        "--trust-remote-code": job.trust_remote_code,
-        "--no-progress": not job.progress,
-    }
-    return command + [flag for flag, on in switches.items() if on]
+    return compare_data(rerun, new)

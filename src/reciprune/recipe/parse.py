@@ -21,8 +21,8 @@ from pydantic import ValidationError
 from reciprune.errors import RecipeError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.registry import get_modifier_class
-from reciprune.recipe.schema import RUN_TYPES, Recipe, Stage
-from reciprune.recipe.training import TrainingConfig
+from reciprune.recipe.options import Options
+from reciprune.recipe.schema import RUN_TYPES, STAGE_SETTINGS, Recipe, Stage
 
 #: Top-level keys that carry no stage and are ignored in every form.
 IGNORED_TOP_LEVEL = ("version", "metadata")
@@ -54,7 +54,7 @@ class _RawStage:
     run_type: Any
     modifiers: list[_RawModifier]
     where: tuple[str, ...]
-    training: Any = None
+    settings: dict[str, Any] = field(default_factory=dict)  # training:, calibration: as written
 
 
 def _fail(where: Sequence[str], message: str) -> RecipeError:
@@ -191,14 +191,14 @@ def _sparseml_stage(
             f"'run_type:'), but it is {_kind(body)}. Indent the modifier groups under the stage name.",
         )
     run_type = None
-    training = None
+    settings: dict[str, Any] = {}
     modifiers: list[_RawModifier] = []
     for key in keys if keys is not None else [str(k) for k in body]:
         value = body[key]
         if key == "run_type":
             run_type = value
-        elif key == "training":
-            training = value
+        elif key in STAGE_SETTINGS:
+            settings[key] = value
         elif _is_group(key):
             modifiers.extend(_group_entries(value, (*where, key)))
         else:
@@ -210,16 +210,19 @@ def _sparseml_stage(
                 )
             except RecipeError:
                 hint = _did_you_mean(
-                    key, ("run_type", "training", f"{key}s", "pruning_modifiers")
+                    key, ("run_type", *STAGE_SETTINGS, f"{key}s", "pruning_modifiers")
                 )
             raise _fail(
                 (*where, key),
                 f"unknown key in stage '{name}'.{hint} A stage holds '<group>_modifiers:' "
-                "mappings (any group name ending in '_modifiers') and optionally 'run_type:' and "
-                "'training:'.",
+                "mappings (any group name ending in '_modifiers') and optionally 'run_type:', "
+                "'training:' (finetune) and 'calibration:' (oneshot).",
             )
     written = str(run_type).strip().lower()
-    dense_finetune = training is not None or RUN_TYPE_ALIASES.get(written, written) == "finetune"
+    dense_finetune = (
+        settings.get("training") is not None
+        or RUN_TYPE_ALIASES.get(written, written) == "finetune"
+    )
     if not modifiers and not dense_finetune:
         raise _fail(
             where,
@@ -227,7 +230,7 @@ def _sparseml_stage(
             "'obcq_modifiers: {SparseGPTModifier: {sparsity: 0.5}}' (only a 'run_type: "
             "finetune' stage may have none: it fine-tunes the dense model).",
         )
-    return _RawStage(name, run_type, modifiers, where, training)
+    return _RawStage(name, run_type, modifiers, where, settings)
 
 
 def _group_entries(value: Any, where: tuple[str, ...]) -> list[_RawModifier]:
@@ -295,7 +298,7 @@ def _plain_stage(entries: Any, top: tuple[str, ...], label: str) -> _RawStage:
     return _RawStage(DEFAULT_STAGE, None, modifiers, where)
 
 
-_STAGE_KEYS = ("name", "run_type", "modifiers", "training")
+_STAGE_KEYS = ("name", "run_type", "modifiers", *STAGE_SETTINGS)
 
 
 def _explicit_stages(
@@ -342,8 +345,10 @@ def _explicit_stages(
             )
         first_index[name] = i
         mods = stage.get("modifiers")
-        if mods is None and (stage.get("training") is not None or stage.get("run_type") == "finetune"):
-            mods = []  # a dense fine-tuning stage
+        if mods in (None, []) and (
+            stage.get("training") is not None or stage.get("run_type") == "finetune"
+        ):
+            mods = []  # a dense fine-tuning stage (`Recipe.to_yaml` writes `modifiers: []`)
         elif mods is None or mods == []:
             raise _fail(
                 (*here, "modifiers"),
@@ -352,9 +357,8 @@ def _explicit_stages(
         if not isinstance(mods, list):
             raise _fail((*here, "modifiers"), f"'modifiers' must be a list, not {_kind(mods)}.")
         entries = [_modifier_entry(m, (*here, f"modifiers[{j}]")) for j, m in enumerate(mods)]
-        result.append(
-            _RawStage(name, stage.get("run_type"), entries, here, stage.get("training"))
-        )
+        settings = {key: stage[key] for key in STAGE_SETTINGS if key in stage}
+        result.append(_RawStage(name, stage.get("run_type"), entries, here, settings))
     return result
 
 
@@ -398,13 +402,13 @@ def _apply_overrides_raw(stages: list[_RawStage], overrides: Sequence[str]) -> N
             raise _fail(
                 where, f"the value {value_text!r} is not valid YAML ({problem}); quote it."
             ) from None
-        if modifier_spec == "training":
-            # `stage.training.field=value` sets a training argument of a finetune stage.
-            if stage.training is None:
-                stage.training = {}
-            elif not isinstance(stage.training, Mapping):
-                raise _fail(where, "the stage's 'training:' is not a mapping.")
-            stage.training = {**stage.training, field_name: value}
+        if modifier_spec in STAGE_SETTINGS:
+            # `stage.training.field=value` sets a training argument of a finetune stage (and
+            # `stage.calibration.field=value` a calibration option of a oneshot stage).
+            current = stage.settings.get(modifier_spec) or {}
+            if not isinstance(current, Mapping):
+                raise _fail(where, f"the stage's '{modifier_spec}:' is not a mapping.")
+            stage.settings[modifier_spec] = {**current, field_name: value}
             continue
         modifier = _override_target(stage, modifier_spec, where)
         for existing in list(modifier.fields):
@@ -467,42 +471,38 @@ def _validate(stages: list[_RawStage]) -> Recipe:
                     f"{' and '.join(modifier.run_types)}. Move it to a stage with run_type: "
                     f"{modifier.run_types[0]}, or change this stage's run_type.",
                 )
-        training = _build_training(stage, run_type)
-        built.append(
-            Stage(name=stage.name, run_type=run_type, modifiers=modifiers, training=training)
-        )
+        settings = {key: _build_settings(stage, key, run_type) for key in stage.settings}
+        built.append(Stage(name=stage.name, run_type=run_type, modifiers=modifiers, **settings))
     try:
         return Recipe(stages=built)
     except ValidationError as exc:  # defensive: the checks above should have caught it
         raise RecipeError(f"{stages[0].where[0]}: {_plain_message(exc.errors()[0])}") from None
 
 
-def _build_training(stage: _RawStage, run_type: str) -> TrainingConfig | None:
-    """The stage's `training:` mapping validated, with the failing field named."""
-    if stage.training is None:
-        return None
-    where = (*stage.where, "training")
-    if run_type != "finetune":
+def _build_settings(stage: _RawStage, key: str, run_type: str) -> Options:
+    """The stage's `training:` or `calibration:` mapping validated, the failing field named."""
+    cls, belongs_to = STAGE_SETTINGS[key]
+    value = stage.settings[key]
+    where = (*stage.where, key)
+    if run_type != belongs_to:
         raise _fail(
             where,
-            f"'training:' sets training arguments, but this is a {run_type} stage. Remove it, or "
-            "set 'run_type: finetune'.",
+            f"'{key}:' sets {belongs_to} options, but this is a {run_type} stage. Remove it, or "
+            f"set 'run_type: {belongs_to}'.",
         )
-    if not isinstance(stage.training, Mapping):
-        raise _fail(
-            where, f"'training:' must be a mapping of training arguments, not {_kind(stage.training)}."
-        )
-    fields = {str(k): v for k, v in stage.training.items()}
-    for key in fields:
-        if key not in TrainingConfig.model_fields:
+    if not isinstance(value, Mapping):
+        raise _fail(where, f"'{key}:' must be a mapping of {belongs_to} options, not {_kind(value)}.")
+    fields = {str(k): v for k, v in value.items()}
+    allowed = cls.recipe_fields()
+    for name in fields:
+        if name not in allowed:
             raise _fail(
-                (*where, key),
-                f"unknown training argument.{_did_you_mean(key, list(TrainingConfig.model_fields))} "
-                "See `reciprune finetune --help` for the arguments (flags use dashes, recipes "
-                "underscores).",
+                (*where, name),
+                f"unknown {key} option.{_did_you_mean(name, allowed)} See `reciprune "
+                f"{belongs_to} --help` for the options (flags use dashes, recipes underscores).",
             )
     try:
-        return TrainingConfig.model_validate(fields)
+        return cls.model_validate(fields)
     except ValidationError as exc:
         error = exc.errors()[0]
         loc = [str(p) for p in error.get("loc", ())]
@@ -522,7 +522,7 @@ def _run_type(stage: _RawStage, modifiers: list[Modifier]) -> tuple[str, str]:
                 f"{' or '.join(repr(r) for r in RUN_TYPES)}, or leave it out to infer it.",
             )
         return text, f"run_type: {raw}"
-    if stage.training is not None:
+    if stage.settings.get("training") is not None:
         return "finetune", "run_type inferred as finetune from its 'training:'"
     finetune_only = [m.type_name() for m in modifiers if "oneshot" not in m.run_types]
     if finetune_only:

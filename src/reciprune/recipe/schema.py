@@ -9,10 +9,16 @@ from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validat
 
 from reciprune.errors import RecipeError
 from reciprune.modifiers.base import Modifier
+from reciprune.recipe.options import CalibrationOptions, Options
 from reciprune.recipe.training import TrainingConfig
 
 RunType = Literal["oneshot", "finetune"]
 RUN_TYPES: tuple[str, ...] = ("oneshot", "finetune")
+#: A stage's settings: key → (options model, the run type it belongs to).
+STAGE_SETTINGS: dict[str, tuple[type[Options], str]] = {
+    "training": (TrainingConfig, "finetune"),
+    "calibration": (CalibrationOptions, "oneshot"),
+}
 
 
 class Stage(BaseModel):
@@ -29,6 +35,9 @@ class Stage(BaseModel):
     )
     training: TrainingConfig | None = Field(
         None, description="Training arguments of a finetune stage (command-line flags override)."
+    )
+    calibration: CalibrationOptions | None = Field(
+        None, description="Calibration options of a oneshot stage (command-line flags override)."
     )
 
     @field_validator("modifiers", mode="before")
@@ -60,8 +69,11 @@ class Stage(BaseModel):
                     f"{modifier.type_name()} cannot run in a {self.run_type} stage "
                     f"(it supports: {', '.join(modifier.run_types)})"
                 )
-        if self.training is not None and self.run_type != "finetune":
-            raise ValueError(f"'training' is only meaningful in a finetune stage, not {self.run_type}")
+        for key, (_cls, run_type) in STAGE_SETTINGS.items():
+            if getattr(self, key) is not None and self.run_type != run_type:
+                raise ValueError(
+                    f"'{key}' is only meaningful in a {run_type} stage, not {self.run_type}"
+                )
         return self
 
 
@@ -109,11 +121,11 @@ class Recipe(BaseModel):
                     "name": stage.name,
                     "run_type": stage.run_type,
                     "modifiers": [dump_modifier(m) for m in stage.modifiers],
-                    **(
-                        {"training": stage.training.model_dump(mode="json", exclude_unset=True)}
-                        if stage.training is not None
-                        else {}
-                    ),
+                    **{
+                        key: getattr(stage, key).given()
+                        for key in STAGE_SETTINGS
+                        if getattr(stage, key) is not None
+                    },
                 }
                 for stage in self.stages
             ]

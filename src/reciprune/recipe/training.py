@@ -6,15 +6,17 @@ flags given to `reciprune finetune` override the recipe's values for that run.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
+
+from reciprune.recipe.options import Options
 
 
-class TrainingConfig(BaseModel):
+class TrainingConfig(Options):
     """The options users know from Hugging Face TrainingArguments and the SparseML tutorials."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    default_switch: ClassVar[str] = "both"
 
     dataset: str | None = Field(
         None,

@@ -1,0 +1,43 @@
+"""The export-format interface: how a compressed model's weights and metadata go to disk."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True)
+class CheckpointContents:
+    """What the stage's modifiers produced (their declared `produces`), as the export needs it.
+
+    `sparsity` is the compressed-tensors sparsity metadata of the pruned modules (None: no
+    sparsity to advertise); `quantized` says that modules carry quantization schemes to pack.
+    """
+
+    sparsity: dict[str, Any] | None = None
+    quantized: bool = False
+
+
+class CheckpointFormat(ABC):
+    """Writes the model's weights and config into a (temporary) folder."""
+
+    #: The name users pick it by.
+    name: ClassVar[str]
+
+    @classmethod
+    @abstractmethod
+    def applies(cls, contents: CheckpointContents) -> bool:
+        """Whether "auto" may choose this format for `contents`."""
+
+    @abstractmethod
+    def write(self, model: PreTrainedModel, folder: Path, contents: CheckpointContents) -> dict:
+        """Save weights and config.json into `folder`; returns the manifest's `checkpoint`."""
+
+
+def weight_bytes(folder: Path) -> int:
+    """Bytes of the safetensors weight files in `folder`."""
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))

@@ -1,0 +1,109 @@
+"""The calibration-pipeline interface: how a oneshot stage walks the model.
+
+Every pipeline emits the same events to the same session, so modifiers never know which one
+runs them: CALIBRATION_START → per decoder layer LAYER_START (modifiers ask for statistics),
+a statistics forward, LAYER_CALIBRATED (modifiers compress the layer), propagation of the
+calibration activations through the compressed layer → CALIBRATION_END. A pipeline decides
+where the layer and its activations live while that happens and how they get there.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from reciprune.core.layers import find_decoder_layers
+from reciprune.core.reconstruction import ReconstructionProbe
+from reciprune.core.session import LifecycleSession
+from reciprune.modifiers.base import Modifier
+
+Batch = dict[str, torch.Tensor]
+
+
+@dataclass
+class OneshotResult:
+    """What a oneshot stage did: the session's per-module records and timings (seconds)."""
+
+    records: dict[str, dict[str, Any]]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer as the pipeline hands it to the session."""
+
+    index: int
+    name: str
+    layer: nn.Module
+
+    def fields(self) -> dict[str, Any]:
+        return {"layer_index": self.index, "layer_name": self.name, "layer": self.layer}
+
+
+class CalibrationPipeline(ABC):
+    """Runs a oneshot stage's modifiers over a model; subclasses walk the layers."""
+
+    #: The name users pick it by (`--pipeline`, when several apply).
+    name: ClassVar[str]
+
+    def __init__(self, *, progress: bool = True, description: str = "oneshot") -> None:
+        self.progress = progress
+        self.description = description
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def supports(cls, modifiers: list[Modifier]) -> bool:
+        """Whether this pipeline can run these modifiers."""
+        return True
+
+    def run(
+        self, model: nn.Module, modifiers: list[Modifier], batches: list[Batch] | None
+    ) -> OneshotResult:
+        """Apply `modifiers` to `model` over the calibration `batches`; the model is changed in
+        place and left in the mode it was in."""
+        started = time.perf_counter()
+        self.timings = {}
+        session = LifecycleSession(model, modifiers, run_type="oneshot", probe=ReconstructionProbe())
+        session.initialize()
+        was_training = model.training
+        model.eval()
+        try:
+            self.calibrate(session, batches)
+            session.finalize()
+        except BaseException:
+            session.abort()
+            raise
+        finally:
+            model.train(was_training)
+        self.timings["total"] = time.perf_counter() - started
+        return OneshotResult(records=dict(session.records), timings=dict(self.timings))
+
+    @abstractmethod
+    def calibrate(self, session: LifecycleSession, batches: list[Batch] | None) -> None:
+        """Emit the calibration events for every decoder layer of `session.model`."""
+
+    # helpers for subclasses ----------------------------------------------------------------
+    def layer_steps(self, model: nn.Module, label: str = "") -> Iterator[LayerStep]:
+        """The decoder layers in order, behind a progress bar."""
+        layers_name, layers = find_decoder_layers(model)
+        bar = tqdm(
+            list(enumerate(layers)),
+            desc=f"{self.description}{label}",
+            unit="layer",
+            disable=not self.progress,
+        )
+        for index, layer in bar:
+            yield LayerStep(index, f"{layers_name}.{index}", layer)
+
+    def timed(self, key: str, since: float) -> float:
+        """Add the seconds since `since` to timings[key]; returns now."""
+        now = time.perf_counter()
+        self.timings[key] = self.timings.get(key, 0.0) + now - since
+        return now
