@@ -22,8 +22,9 @@ from reciprune.core.layers import find_decoder_layers
 from reciprune.core.targets import resolve_targets, set_weight_matrix, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
-from reciprune.modifiers.pruning import PruningModifier, TargetedModifier
+from reciprune.modifiers.pruning import PruningModifier
 from reciprune.modifiers.registry import register_modifier
+from reciprune.modifiers.targeted import TargetedModifier
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
