@@ -8,17 +8,23 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from reciprune.algorithms.observers import (
-    WEIGHT_STRATEGIES,
     fake_quantize_weight,
     observe_weight,
 )
 from reciprune.algorithms.qat import qat_linear
 from reciprune.core.events import Event, EventType
 from reciprune.core.layers import find_decoder_layers
+from reciprune.core.quantization_schemes import (
+    SCHEMES,
+    build_scheme,
+    describe_args,
+    enum_value,
+    stored_scheme,
+)
 from reciprune.core.targets import resolve_targets, set_weight_matrix, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
@@ -30,101 +36,6 @@ if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     from reciprune.core.session import LifecycleSession
-
-#: compressed-tensors preset schemes a recipe may name.
-SCHEMES: tuple[str, ...] = ("W4A16", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC")
-#: Activation strategies: per tensor (static or dynamic), per token or group (dynamic only).
-INPUT_STRATEGIES: tuple[str, ...] = ("tensor", "token", "group")
-_GROUP_KEYS = ("targets", "weights", "input_activations")
-
-
-def _value(enum_or_str: Any) -> str:
-    return str(getattr(enum_or_str, "value", enum_or_str))
-
-
-def build_scheme(name: str, group: dict[str, Any]) -> QuantizationScheme:
-    """One config group as a compressed-tensors QuantizationScheme, or a ValueError saying what
-    is not supported (targets default to ['Linear'])."""
-    from compressed_tensors.quantization import QuantizationScheme
-
-    if not isinstance(group, dict):
-        raise ValueError(f"config_groups.{name} must be a mapping with weights (and optionally "
-                         "targets, input_activations)")
-    unknown = sorted(set(group) - set(_GROUP_KEYS))
-    if unknown:
-        raise ValueError(
-            f"config_groups.{name} has {', '.join(map(repr, unknown))}; a group takes "
-            f"{', '.join(_GROUP_KEYS)} (output activations are not supported)"
-        )
-    if not group.get("weights"):
-        raise ValueError(f"config_groups.{name} needs weights: {{num_bits, type, strategy, ...}}")
-    for part in ("weights", "input_activations"):
-        args = group.get(part) or {}
-        for key in ("observer", "observer_kwargs", "actorder"):
-            if key in args:
-                raise ValueError(
-                    f"config_groups.{name}.{part}.{key}: set the modifier's "
-                    f"{'observer' if key.startswith('observer') else 'actorder'} field instead"
-                )
-    try:
-        scheme = QuantizationScheme.model_validate({"targets": ["Linear"], **group})
-    except (ValidationError, ValueError, NotImplementedError) as exc:
-        raise ValueError(f"config_groups.{name}: {_first_error(exc)}") from None
-    _check_args(name, scheme)
-    return scheme
-
-
-def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in error["loc"])
-        return f"{where}: {error['msg']}" if where else error["msg"]
-    return str(exc)
-
-
-def _check_args(name: str, scheme: QuantizationScheme) -> None:
-    weights, inputs = scheme.weights, scheme.input_activations
-    for part, args in (("weights", weights), ("input_activations", inputs)):
-        if args is not None and _value(args.type) == "float" and args.num_bits != 8:
-            raise ValueError(f"config_groups.{name}.{part}: float types are 8-bit (FP8 E4M3) only")
-    if _value(weights.strategy) not in WEIGHT_STRATEGIES or weights.dynamic:
-        raise ValueError(
-            f"config_groups.{name}.weights: strategy {_value(weights.strategy)!r}"
-            f"{' (dynamic)' if weights.dynamic else ''} is not supported; weights use a static "
-            f"{', '.join(WEIGHT_STRATEGIES)} strategy"
-        )
-    if inputs is not None:
-        strategy = _value(inputs.strategy)
-        if strategy not in INPUT_STRATEGIES or (not inputs.dynamic and strategy != "tensor"):
-            raise ValueError(
-                f"config_groups.{name}.input_activations: strategy {strategy!r} with dynamic="
-                f"{inputs.dynamic} is not supported; static input scales are per tensor, dynamic "
-                f"ones per {', '.join(INPUT_STRATEGIES)}"
-            )
-
-
-def _packs_zero_points(scheme: QuantizationScheme) -> bool:
-    """Whether compressed-tensors would save `scheme` as pack-quantized with packed zero points:
-    asymmetric int weights per channel or group, without activation quantization."""
-    weights = scheme.weights
-    return (
-        scheme.input_activations is None
-        and _value(weights.type) == "int"
-        and not weights.symmetric
-        and _value(weights.strategy) in ("channel", "group")
-    )
-
-
-def describe_args(args: QuantizationArgs | None) -> str | None:
-    """'int4 group 32 symmetric' style summary of one QuantizationArgs."""
-    if args is None:
-        return None
-    strategy = _value(args.strategy)
-    text = f"{_value(args.type)}{args.num_bits} {strategy}"
-    if strategy == "group":
-        text += f" {args.group_size}"
-    text += " symmetric" if args.symmetric else " asymmetric"
-    return text + (" dynamic" if args.dynamic else "")
 
 
 @register_modifier
@@ -291,7 +202,7 @@ class QuantizationModifier(TargetedModifier):
             in_features = weight_matrix(modules[name]).shape[1]
             in_sizes.add(in_features)
             for args in (scheme.weights, scheme.input_activations):
-                if args is not None and _value(args.strategy) == "group":
+                if args is not None and enum_value(args.strategy) == "group":
                     if in_features % args.group_size:
                         bad[name] = (in_features, args.group_size)
         if not bad:
@@ -405,15 +316,9 @@ class QuantizationModifier(TargetedModifier):
         for group, scheme in self.schemes().items():
             if group not in groups:
                 continue
-            update: dict[str, Any] = {"targets": ["Linear"] if len(groups) == 1 else groups[group]}
-            if _packs_zero_points(scheme):
-                # compressed-tensors 0.20 packs these zero points 8 to an int32, and transformers
-                # 5 then refuses the checkpoint (it expects them unpacked): store one int8 per
-                # weight instead, which reloads exactly.
-                update["format"] = "naive-quantized"
-            if self.algorithm == "gptq" and self.actorder:
-                update["weights"] = scheme.weights.model_copy(update={"actorder": "weight"})
-            stored[group] = scheme.model_copy(update=update)
+            targets = ["Linear"] if len(groups) == 1 else groups[group]
+            actorder = self.algorithm == "gptq" and self.actorder
+            stored[group] = stored_scheme(scheme, targets, actorder=actorder)
         return stored
 
     # quantization-aware training (finetune stages) -------------------------------------------
@@ -580,7 +485,7 @@ class QuantizationModifier(TargetedModifier):
         """GPTQ on the layer Hessian with every zero of W held at zero: (Q(W), scale, zero)."""
         from reciprune.algorithms.gptq import gptq_quantize
 
-        group_size = args.group_size if _value(args.strategy) == "group" else None
+        group_size = args.group_size if enum_value(args.strategy) == "group" else None
         Q, params = gptq_quantize(
             W,
             session.statistics.hessian(module),
@@ -698,7 +603,7 @@ class _Grid:
     """
 
     def __init__(self, args: QuantizationArgs, observer: str, dtype: torch.dtype) -> None:
-        grouped = _value(args.strategy) == "group"
+        grouped = enum_value(args.strategy) == "group"
         self.args = args.model_copy(update={"strategy": "channel", "group_size": None}) if grouped else args
         self.observer = observer
         self.dtype = dtype
