@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -15,7 +13,6 @@ from reciprune.algorithms.observers import (
     fake_quantize_weight,
     observe_weight,
 )
-from reciprune.algorithms.qat import qat_linear
 from reciprune.core.events import Event, EventType
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.quantization_schemes import (
@@ -25,7 +22,13 @@ from reciprune.core.quantization_schemes import (
     enum_value,
     stored_scheme,
 )
-from reciprune.core.targets import resolve_targets, set_weight_matrix, weight_matrix
+from reciprune.core.quantized_modules import (
+    FakeQuantizedForward,
+    attach_quantization,
+    checkpoint_qparams,
+    set_static_input_qparams,
+)
+from reciprune.core.targets import resolve_targets, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
@@ -340,7 +343,7 @@ class QuantizationModifier(TargetedModifier):
             if adopted is not None:
                 scale, zero = adopted
             self._qat[name] = (scale, zero, scheme)
-            module.forward = _FakeQuantizedForward(module, scale, zero, scheme)
+            module.forward = FakeQuantizedForward(module, scale, zero, scheme)
             session.records[name].update(
                 quantization=describe_args(scheme.weights),
                 input_quantization=describe_args(scheme.input_activations),
@@ -399,7 +402,7 @@ class QuantizationModifier(TargetedModifier):
     def on_finalize(self, session: LifecycleSession) -> None:
         for name in getattr(self, "_qat", {}):
             module = session.model.get_submodule(name)
-            if isinstance(module.__dict__.get("forward"), _FakeQuantizedForward):
+            if isinstance(module.__dict__.get("forward"), FakeQuantizedForward):
                 del module.forward  # back to nn.Linear.forward
 
     # wiring ----------------------------------------------------------------------------------
@@ -446,7 +449,6 @@ class QuantizationModifier(TargetedModifier):
         """Attach the scheme's parameters to `module` (compressed-tensors' layout), set them
         from the observer or GPTQ and the observed inputs, and replace W by Q(W)."""
         from compressed_tensors.quantization import QuantizationStatus
-        from compressed_tensors.quantization.utils import calculate_qparams
 
         scheme = self._stored[self._assigned[name][0]]
         W = weight_matrix(module).clone()
@@ -463,13 +465,7 @@ class QuantizationModifier(TargetedModifier):
                     "input scale is unknown; use a dynamic input scheme or check the data"
                 )
             lo, hi = self._input_range.pop(module)
-            dtype = module.input_scale.dtype
-            in_scale, in_zero = calculate_qparams(
-                lo.to(dtype).reshape(1), hi.to(dtype).reshape(1), scheme.input_activations
-            )
-            module.input_scale.data.copy_(in_scale.reshape(module.input_scale.shape))
-            if hasattr(module, "input_zero_point"):
-                module.input_zero_point.data.copy_(in_zero.reshape(module.input_zero_point.shape))
+            set_static_input_qparams(module, lo, hi, scheme.input_activations)
         module.quantization_status = QuantizationStatus.FROZEN
         session.records[name].update(
             method=session.records[name].get("method", self.type_name()),
@@ -499,45 +495,6 @@ class QuantizationModifier(TargetedModifier):
         return Q, params.scale, params.zero_point
 
 
-@torch.no_grad()
-def attach_quantization(
-    module: nn.Module, scheme: QuantizationScheme, Q: torch.Tensor, scale: torch.Tensor,
-    zero: torch.Tensor,
-) -> None:
-    """Give `module` compressed-tensors' quantization layout for `scheme` (parameters
-    weight_scale / weight_zero_point / input_scale, and the forward that fake-quantizes the
-    inputs and re-rounds W, a no-op once on the grid), set its scale and zero point, and replace
-    its weight by Q (already on that grid). The status is left at initialized: the caller sets
-    static input scales, then FROZEN."""
-    from compressed_tensors.quantization.lifecycle.initialize import (
-        initialize_module_for_quantization,
-    )
-
-    initialize_module_for_quantization(module, scheme)
-    module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-    if hasattr(module, "weight_zero_point"):
-        module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    set_weight_matrix(module, Q)
-
-
-class _FakeQuantizedForward:
-    """A Linear's forward during quantization-aware training: `qat_linear` on its own weight
-    (the full tensor under FSDP2, which gathers the layer's parameters before its forward), so
-    parameter names and state dicts stay those of the plain model."""
-
-    def __init__(
-        self, module: nn.Module, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantizationScheme
-    ) -> None:
-        self.module, self.scale, self.zero = module, scale, zero
-        self.weights, self.inputs = scheme.weights, scheme.input_activations
-
-    def __call__(self, input: torch.Tensor) -> torch.Tensor:
-        module = self.module
-        return qat_linear(
-            input, module.weight, module.bias, self.scale, self.zero, self.weights, self.inputs
-        )
-
-
 def _on_grid(
     W: torch.Tensor,
     stored: tuple[torch.Tensor, torch.Tensor | None] | None,
@@ -559,39 +516,6 @@ def _on_grid(
     if not torch.equal(fake_quantize_weight(W, stored_scale, stored_zero, args), W):
         return None
     return stored_scale, stored_zero
-
-
-def checkpoint_qparams(
-    model: nn.Module, names: list[str]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Module name → (weight_scale, weight_zero_point or None) stored in the compressed-tensors
-    checkpoint `model` was loaded from (its `name_or_path` folder); {} for any other model.
-
-    A finetune stage loads the previous stage's checkpoint dequantized (plain float weights, see
-    `reciprune.models.load_model`), which drops these: read back, they let quantization-aware
-    training continue on the very grid a oneshot GPTQ stage chose, where re-observing the
-    rounded weights would give other scales and round every weight again.
-    """
-    folder = Path(str(getattr(model, "name_or_path", "") or ""))
-    config = folder / "config.json"
-    if not names or not config.is_file():
-        return {}
-    quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
-    if quantization.get("quant_method") != "compressed-tensors":
-        return {}
-    from safetensors import safe_open
-
-    wanted = {f"{n}.{part}" for n in names for part in ("weight_scale", "weight_zero_point")}
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in wanted.intersection(handle.keys()):
-                tensors[key] = handle.get_tensor(key)
-    return {
-        n: (tensors[f"{n}.weight_scale"], tensors.get(f"{n}.weight_zero_point"))
-        for n in names
-        if f"{n}.weight_scale" in tensors
-    }
 
 
 class _Grid:
