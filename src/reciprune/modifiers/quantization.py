@@ -10,8 +10,10 @@ from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from reciprune.algorithms.observers import (
+    ObserverColumnQuantizer,
     fake_quantize_weight,
     observe_weight,
+    stored_qparams_on_grid,
 )
 from reciprune.core.events import Event, EventType
 from reciprune.core.layers import find_decoder_layers
@@ -339,7 +341,7 @@ class QuantizationModifier(TargetedModifier):
             W = weight_matrix(module).detach()
             with torch.no_grad():
                 scale, zero = observe_weight(W, scheme.weights, self.observer)
-                adopted = _on_grid(W, stored.get(name), scale, zero, scheme.weights)
+                adopted = stored_qparams_on_grid(W, stored.get(name), scale, zero, scheme.weights)
             if adopted is not None:
                 scale, zero = adopted
             self._qat[name] = (scale, zero, scheme)
@@ -485,7 +487,7 @@ class QuantizationModifier(TargetedModifier):
         Q, params = gptq_quantize(
             W,
             session.statistics.hessian(module),
-            _Grid(args, self.observer, W.dtype),
+            ObserverColumnQuantizer(args, self.observer, W.dtype),
             blocksize=self.block_size,
             percdamp=self.dampening_frac,
             actorder=self.actorder,
@@ -493,49 +495,3 @@ class QuantizationModifier(TargetedModifier):
             keep_mask=W != 0,
         )
         return Q, params.scale, params.zero_point
-
-
-def _on_grid(
-    W: torch.Tensor,
-    stored: tuple[torch.Tensor, torch.Tensor | None] | None,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    args: QuantizationArgs,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The stored (scale, zero point), shaped like the observer's, when W lies exactly on their
-    grid (it is the previous stage's quantized output); else None."""
-    if stored is None or stored[0].numel() != scale.numel():
-        return None
-    stored_scale = stored[0].to(scale.device, scale.dtype).reshape(scale.shape)
-    if stored[1] is None:
-        stored_zero = torch.zeros_like(zero)
-    elif stored[1].numel() == zero.numel():
-        stored_zero = stored[1].to(zero.device, zero.dtype).reshape(zero.shape)
-    else:
-        return None  # e.g. zero points packed 8 to an int32 by another tool
-    if not torch.equal(fake_quantize_weight(W, stored_scale, stored_zero, args), W):
-        return None
-    return stored_scale, stored_zero
-
-
-class _Grid:
-    """GPTQ's column quantizer for one compressed-tensors QuantizationArgs and observer.
-
-    A group's grid is found from its columns as one scale per row (the 'channel' form of the
-    group arguments). Both methods work in the module's dtype, so Q(W) lies exactly on the grid
-    of the scales stored beside it.
-    """
-
-    def __init__(self, args: QuantizationArgs, observer: str, dtype: torch.dtype) -> None:
-        grouped = enum_value(args.strategy) == "group"
-        self.args = args.model_copy(update={"strategy": "channel", "group_size": None}) if grouped else args
-        self.observer = observer
-        self.dtype = dtype
-
-    def find_params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero point) of W [rows, k] from the observer."""
-        return observe_weight(W.to(self.dtype), self.args, self.observer)
-
-    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        """Q(w) of a column [rows, 1] on the grid of (scale, zero point)."""
-        return fake_quantize_weight(w.to(self.dtype), scale, zero_point, self.args)
