@@ -109,7 +109,7 @@ def test_merge_equals_peft_merge_and_the_unmerged_forward(tiny_llama, use_dora):
 
 
 def test_the_merge_formulas_against_explicit_loops():
-    from reciprune.modifiers.lora import lora_merge
+    from reciprune.algorithms.lora import lora_merge
 
     g = torch.Generator().manual_seed(0)
     W0, A = torch.randn(5, 7, generator=g), torch.randn(3, 7, generator=g)

@@ -8,6 +8,7 @@ from reciprune.algorithms.distillation import (
     square_head_loss,
 )
 from reciprune.algorithms.dsnot import dsnot_refine, merge_channel_moments
+from reciprune.algorithms.lora import lora_merge
 from reciprune.algorithms.magnitude import cubic_sparsity, magnitude_prune
 from reciprune.algorithms.masks import (
     mask_sparsity,
@@ -28,6 +29,7 @@ __all__ = [
     "cubic_sparsity",
     "dsnot_refine",
     "kl_divergence_loss",
+    "lora_merge",
     "magnitude_prune",
     "mask_sparsity",
     "merge_channel_moments",

@@ -131,3 +131,49 @@ def fake_quantize_weight(W: Tensor, scale: Tensor, zero_point: Tensor, args: Qua
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     return fake_quantize(W, scale, zero_point, args).to(W.dtype)
+
+
+def stored_qparams_on_grid(
+    W: Tensor,
+    stored: tuple[Tensor, Tensor | None] | None,
+    scale: Tensor,
+    zero: Tensor,
+    args: QuantizationArgs,
+) -> tuple[Tensor, Tensor] | None:
+    """The stored (scale, zero point), shaped like the observer's, when W lies exactly on their
+    grid (it is the previous stage's quantized output); else None."""
+    if stored is None or stored[0].numel() != scale.numel():
+        return None
+    stored_scale = stored[0].to(scale.device, scale.dtype).reshape(scale.shape)
+    if stored[1] is None:
+        stored_zero = torch.zeros_like(zero)
+    elif stored[1].numel() == zero.numel():
+        stored_zero = stored[1].to(zero.device, zero.dtype).reshape(zero.shape)
+    else:
+        return None  # e.g. zero points packed 8 to an int32 by another tool
+    if not torch.equal(fake_quantize_weight(W, stored_scale, stored_zero, args), W):
+        return None
+    return stored_scale, stored_zero
+
+
+class ObserverColumnQuantizer:
+    """GPTQ's column quantizer for one compressed-tensors QuantizationArgs and observer.
+
+    A group's grid is found from its columns as one scale per row (the 'channel' form of the
+    group arguments). Both methods work in the module's dtype, so Q(W) lies exactly on the grid
+    of the scales stored beside it.
+    """
+
+    def __init__(self, args: QuantizationArgs, observer: str, dtype: torch.dtype) -> None:
+        grouped = _strategy(args) == "group"
+        self.args = args.model_copy(update={"strategy": "channel", "group_size": None}) if grouped else args
+        self.observer = observer
+        self.dtype = dtype
+
+    def find_params(self, W: Tensor) -> tuple[Tensor, Tensor]:
+        """(scale, zero point) of W [rows, k] from the observer."""
+        return observe_weight(W.to(self.dtype), self.args, self.observer)
+
+    def quantize(self, w: Tensor, scale: Tensor, zero_point: Tensor) -> Tensor:
+        """Q(w) of a column [rows, 1] on the grid of (scale, zero point)."""
+        return fake_quantize_weight(w.to(self.dtype), scale, zero_point, self.args)

@@ -8,8 +8,8 @@ import torch
 
 from reciprune.core.distributed import local_tensor
 from reciprune.core.events import Event, EventType
-from reciprune.modifiers.pruning import TargetedModifier
 from reciprune.modifiers.registry import register_modifier
+from reciprune.modifiers.targeted import TargetedModifier
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession

@@ -10,6 +10,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
+from reciprune.algorithms.lora import lora_merge
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.targets import LINEAR_ALIAS, is_linear_like, validate_target_syntax
 from reciprune.errors import RecipeError, ReciPruneError
@@ -28,29 +29,6 @@ ADAPTER_FILE = "lora_adapter.safetensors"
 #: PEFT's adapter_config.json under another name: a file called adapter_config.json beside
 #: config.json makes transformers apply the adapter again on top of the merged weights.
 ADAPTER_CONFIG_FILE = "lora_adapter_config.json"
-
-
-def lora_merge(
-    W0: Tensor,
-    A: Tensor,
-    B: Tensor,
-    scaling: float,
-    magnitude: Tensor | None = None,
-    *,
-    transposed: bool = False,
-) -> Tensor:
-    """The merged weight, in W0's dtype and layout (computed in fp32).
-
-    LoRA (Hu et al. 2021): W = W0 + s·B·A with s = alpha / r.
-    DoRA (Liu et al. 2024), as PEFT merges it: W = m / ‖W0 + s·B·A‖_row · (W0 + s·B·A), the norm
-    taken over each output row (PEFT's `get_weight_norm`, dim 1 of the [out, in] matrix).
-    `transposed`: W0 is stored [in, out] (GPT-2's Conv1D, PEFT's fan_in_fan_out).
-    """
-    W = W0.float().t() if transposed else W0.float()
-    W = W + scaling * (B.float() @ A.float())
-    if magnitude is not None:
-        W = (magnitude.float() / torch.linalg.norm(W, dim=1)).unsqueeze(1) * W
-    return (W.t() if transposed else W).to(W0.dtype)
 
 
 @register_modifier

@@ -2,128 +2,45 @@
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
 from reciprune.algorithms.observers import (
-    WEIGHT_STRATEGIES,
+    ObserverColumnQuantizer,
     fake_quantize_weight,
     observe_weight,
+    stored_qparams_on_grid,
 )
-from reciprune.algorithms.qat import qat_linear
 from reciprune.core.events import Event, EventType
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.targets import resolve_targets, set_weight_matrix, weight_matrix
+from reciprune.core.quantization_schemes import (
+    SCHEMES,
+    build_scheme,
+    describe_args,
+    enum_value,
+    stored_scheme,
+)
+from reciprune.core.quantized_modules import (
+    FakeQuantizedForward,
+    attach_quantization,
+    checkpoint_qparams,
+    set_static_input_qparams,
+)
+from reciprune.core.targets import resolve_targets, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
-from reciprune.modifiers.pruning import PruningModifier, TargetedModifier
+from reciprune.modifiers.pruning import PruningModifier
 from reciprune.modifiers.registry import register_modifier
+from reciprune.modifiers.targeted import TargetedModifier
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     from reciprune.core.session import LifecycleSession
-
-#: compressed-tensors preset schemes a recipe may name.
-SCHEMES: tuple[str, ...] = ("W4A16", "W8A16", "W8A8", "FP8", "FP8_DYNAMIC")
-#: Activation strategies: per tensor (static or dynamic), per token or group (dynamic only).
-INPUT_STRATEGIES: tuple[str, ...] = ("tensor", "token", "group")
-_GROUP_KEYS = ("targets", "weights", "input_activations")
-
-
-def _value(enum_or_str: Any) -> str:
-    return str(getattr(enum_or_str, "value", enum_or_str))
-
-
-def build_scheme(name: str, group: dict[str, Any]) -> QuantizationScheme:
-    """One config group as a compressed-tensors QuantizationScheme, or a ValueError saying what
-    is not supported (targets default to ['Linear'])."""
-    from compressed_tensors.quantization import QuantizationScheme
-
-    if not isinstance(group, dict):
-        raise ValueError(f"config_groups.{name} must be a mapping with weights (and optionally "
-                         "targets, input_activations)")
-    unknown = sorted(set(group) - set(_GROUP_KEYS))
-    if unknown:
-        raise ValueError(
-            f"config_groups.{name} has {', '.join(map(repr, unknown))}; a group takes "
-            f"{', '.join(_GROUP_KEYS)} (output activations are not supported)"
-        )
-    if not group.get("weights"):
-        raise ValueError(f"config_groups.{name} needs weights: {{num_bits, type, strategy, ...}}")
-    for part in ("weights", "input_activations"):
-        args = group.get(part) or {}
-        for key in ("observer", "observer_kwargs", "actorder"):
-            if key in args:
-                raise ValueError(
-                    f"config_groups.{name}.{part}.{key}: set the modifier's "
-                    f"{'observer' if key.startswith('observer') else 'actorder'} field instead"
-                )
-    try:
-        scheme = QuantizationScheme.model_validate({"targets": ["Linear"], **group})
-    except (ValidationError, ValueError, NotImplementedError) as exc:
-        raise ValueError(f"config_groups.{name}: {_first_error(exc)}") from None
-    _check_args(name, scheme)
-    return scheme
-
-
-def _first_error(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        error = exc.errors(include_url=False)[0]
-        where = ".".join(str(p) for p in error["loc"])
-        return f"{where}: {error['msg']}" if where else error["msg"]
-    return str(exc)
-
-
-def _check_args(name: str, scheme: QuantizationScheme) -> None:
-    weights, inputs = scheme.weights, scheme.input_activations
-    for part, args in (("weights", weights), ("input_activations", inputs)):
-        if args is not None and _value(args.type) == "float" and args.num_bits != 8:
-            raise ValueError(f"config_groups.{name}.{part}: float types are 8-bit (FP8 E4M3) only")
-    if _value(weights.strategy) not in WEIGHT_STRATEGIES or weights.dynamic:
-        raise ValueError(
-            f"config_groups.{name}.weights: strategy {_value(weights.strategy)!r}"
-            f"{' (dynamic)' if weights.dynamic else ''} is not supported; weights use a static "
-            f"{', '.join(WEIGHT_STRATEGIES)} strategy"
-        )
-    if inputs is not None:
-        strategy = _value(inputs.strategy)
-        if strategy not in INPUT_STRATEGIES or (not inputs.dynamic and strategy != "tensor"):
-            raise ValueError(
-                f"config_groups.{name}.input_activations: strategy {strategy!r} with dynamic="
-                f"{inputs.dynamic} is not supported; static input scales are per tensor, dynamic "
-                f"ones per {', '.join(INPUT_STRATEGIES)}"
-            )
-
-
-def _packs_zero_points(scheme: QuantizationScheme) -> bool:
-    """Whether compressed-tensors would save `scheme` as pack-quantized with packed zero points:
-    asymmetric int weights per channel or group, without activation quantization."""
-    weights = scheme.weights
-    return (
-        scheme.input_activations is None
-        and _value(weights.type) == "int"
-        and not weights.symmetric
-        and _value(weights.strategy) in ("channel", "group")
-    )
-
-
-def describe_args(args: QuantizationArgs | None) -> str | None:
-    """'int4 group 32 symmetric' style summary of one QuantizationArgs."""
-    if args is None:
-        return None
-    strategy = _value(args.strategy)
-    text = f"{_value(args.type)}{args.num_bits} {strategy}"
-    if strategy == "group":
-        text += f" {args.group_size}"
-    text += " symmetric" if args.symmetric else " asymmetric"
-    return text + (" dynamic" if args.dynamic else "")
 
 
 @register_modifier
@@ -291,7 +208,7 @@ class QuantizationModifier(TargetedModifier):
             in_features = weight_matrix(modules[name]).shape[1]
             in_sizes.add(in_features)
             for args in (scheme.weights, scheme.input_activations):
-                if args is not None and _value(args.strategy) == "group":
+                if args is not None and enum_value(args.strategy) == "group":
                     if in_features % args.group_size:
                         bad[name] = (in_features, args.group_size)
         if not bad:
@@ -405,15 +322,9 @@ class QuantizationModifier(TargetedModifier):
         for group, scheme in self.schemes().items():
             if group not in groups:
                 continue
-            update: dict[str, Any] = {"targets": ["Linear"] if len(groups) == 1 else groups[group]}
-            if _packs_zero_points(scheme):
-                # compressed-tensors 0.20 packs these zero points 8 to an int32, and transformers
-                # 5 then refuses the checkpoint (it expects them unpacked): store one int8 per
-                # weight instead, which reloads exactly.
-                update["format"] = "naive-quantized"
-            if self.algorithm == "gptq" and self.actorder:
-                update["weights"] = scheme.weights.model_copy(update={"actorder": "weight"})
-            stored[group] = scheme.model_copy(update=update)
+            targets = ["Linear"] if len(groups) == 1 else groups[group]
+            actorder = self.algorithm == "gptq" and self.actorder
+            stored[group] = stored_scheme(scheme, targets, actorder=actorder)
         return stored
 
     # quantization-aware training (finetune stages) -------------------------------------------
@@ -431,11 +342,11 @@ class QuantizationModifier(TargetedModifier):
             W = weight_matrix(module).detach()
             with torch.no_grad():
                 scale, zero = observe_weight(W, scheme.weights, self.observer)
-                adopted = _on_grid(W, stored.get(name), scale, zero, scheme.weights)
+                adopted = stored_qparams_on_grid(W, stored.get(name), scale, zero, scheme.weights)
             if adopted is not None:
                 scale, zero = adopted
             self._qat[name] = (scale, zero, scheme)
-            module.forward = _FakeQuantizedForward(module, scale, zero, scheme)
+            module.forward = FakeQuantizedForward(module, scale, zero, scheme)
             session.records[name].update(
                 quantization=describe_args(scheme.weights),
                 input_quantization=describe_args(scheme.input_activations),
@@ -494,7 +405,7 @@ class QuantizationModifier(TargetedModifier):
     def on_finalize(self, session: LifecycleSession) -> None:
         for name in getattr(self, "_qat", {}):
             module = session.model.get_submodule(name)
-            if isinstance(module.__dict__.get("forward"), _FakeQuantizedForward):
+            if isinstance(module.__dict__.get("forward"), FakeQuantizedForward):
                 del module.forward  # back to nn.Linear.forward
 
     # wiring ----------------------------------------------------------------------------------
@@ -541,7 +452,6 @@ class QuantizationModifier(TargetedModifier):
         """Attach the scheme's parameters to `module` (compressed-tensors' layout), set them
         from the observer or GPTQ and the observed inputs, and replace W by Q(W)."""
         from compressed_tensors.quantization import QuantizationStatus
-        from compressed_tensors.quantization.utils import calculate_qparams
 
         scheme = self._stored[self._assigned[name][0]]
         W = weight_matrix(module).clone()
@@ -558,13 +468,7 @@ class QuantizationModifier(TargetedModifier):
                     "input scale is unknown; use a dynamic input scheme or check the data"
                 )
             lo, hi = self._input_range.pop(module)
-            dtype = module.input_scale.dtype
-            in_scale, in_zero = calculate_qparams(
-                lo.to(dtype).reshape(1), hi.to(dtype).reshape(1), scheme.input_activations
-            )
-            module.input_scale.data.copy_(in_scale.reshape(module.input_scale.shape))
-            if hasattr(module, "input_zero_point"):
-                module.input_zero_point.data.copy_(in_zero.reshape(module.input_zero_point.shape))
+            set_static_input_qparams(module, lo, hi, scheme.input_activations)
         module.quantization_status = QuantizationStatus.FROZEN
         session.records[name].update(
             method=session.records[name].get("method", self.type_name()),
@@ -580,11 +484,11 @@ class QuantizationModifier(TargetedModifier):
         """GPTQ on the layer Hessian with every zero of W held at zero: (Q(W), scale, zero)."""
         from reciprune.algorithms.gptq import gptq_quantize
 
-        group_size = args.group_size if _value(args.strategy) == "group" else None
+        group_size = args.group_size if enum_value(args.strategy) == "group" else None
         Q, params = gptq_quantize(
             W,
             session.statistics.hessian(module),
-            _Grid(args, self.observer, W.dtype),
+            ObserverColumnQuantizer(args, self.observer, W.dtype),
             blocksize=self.block_size,
             percdamp=self.dampening_frac,
             actorder=self.actorder,
@@ -592,121 +496,3 @@ class QuantizationModifier(TargetedModifier):
             keep_mask=W != 0,
         )
         return Q, params.scale, params.zero_point
-
-
-@torch.no_grad()
-def attach_quantization(
-    module: nn.Module, scheme: QuantizationScheme, Q: torch.Tensor, scale: torch.Tensor,
-    zero: torch.Tensor,
-) -> None:
-    """Give `module` compressed-tensors' quantization layout for `scheme` (parameters
-    weight_scale / weight_zero_point / input_scale, and the forward that fake-quantizes the
-    inputs and re-rounds W, a no-op once on the grid), set its scale and zero point, and replace
-    its weight by Q (already on that grid). The status is left at initialized: the caller sets
-    static input scales, then FROZEN."""
-    from compressed_tensors.quantization.lifecycle.initialize import (
-        initialize_module_for_quantization,
-    )
-
-    initialize_module_for_quantization(module, scheme)
-    module.weight_scale.data.copy_(scale.reshape(module.weight_scale.shape))
-    if hasattr(module, "weight_zero_point"):
-        module.weight_zero_point.data.copy_(zero.reshape(module.weight_zero_point.shape))
-    set_weight_matrix(module, Q)
-
-
-class _FakeQuantizedForward:
-    """A Linear's forward during quantization-aware training: `qat_linear` on its own weight
-    (the full tensor under FSDP2, which gathers the layer's parameters before its forward), so
-    parameter names and state dicts stay those of the plain model."""
-
-    def __init__(
-        self, module: nn.Module, scale: torch.Tensor, zero: torch.Tensor, scheme: QuantizationScheme
-    ) -> None:
-        self.module, self.scale, self.zero = module, scale, zero
-        self.weights, self.inputs = scheme.weights, scheme.input_activations
-
-    def __call__(self, input: torch.Tensor) -> torch.Tensor:
-        module = self.module
-        return qat_linear(
-            input, module.weight, module.bias, self.scale, self.zero, self.weights, self.inputs
-        )
-
-
-def _on_grid(
-    W: torch.Tensor,
-    stored: tuple[torch.Tensor, torch.Tensor | None] | None,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    args: QuantizationArgs,
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The stored (scale, zero point), shaped like the observer's, when W lies exactly on their
-    grid (it is the previous stage's quantized output); else None."""
-    if stored is None or stored[0].numel() != scale.numel():
-        return None
-    stored_scale = stored[0].to(scale.device, scale.dtype).reshape(scale.shape)
-    if stored[1] is None:
-        stored_zero = torch.zeros_like(zero)
-    elif stored[1].numel() == zero.numel():
-        stored_zero = stored[1].to(zero.device, zero.dtype).reshape(zero.shape)
-    else:
-        return None  # e.g. zero points packed 8 to an int32 by another tool
-    if not torch.equal(fake_quantize_weight(W, stored_scale, stored_zero, args), W):
-        return None
-    return stored_scale, stored_zero
-
-
-def checkpoint_qparams(
-    model: nn.Module, names: list[str]
-) -> dict[str, tuple[torch.Tensor, torch.Tensor | None]]:
-    """Module name → (weight_scale, weight_zero_point or None) stored in the compressed-tensors
-    checkpoint `model` was loaded from (its `name_or_path` folder); {} for any other model.
-
-    A finetune stage loads the previous stage's checkpoint dequantized (plain float weights, see
-    `reciprune.models.load_model`), which drops these: read back, they let quantization-aware
-    training continue on the very grid a oneshot GPTQ stage chose, where re-observing the
-    rounded weights would give other scales and round every weight again.
-    """
-    folder = Path(str(getattr(model, "name_or_path", "") or ""))
-    config = folder / "config.json"
-    if not names or not config.is_file():
-        return {}
-    quantization = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
-    if quantization.get("quant_method") != "compressed-tensors":
-        return {}
-    from safetensors import safe_open
-
-    wanted = {f"{n}.{part}" for n in names for part in ("weight_scale", "weight_zero_point")}
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as handle:
-            for key in wanted.intersection(handle.keys()):
-                tensors[key] = handle.get_tensor(key)
-    return {
-        n: (tensors[f"{n}.weight_scale"], tensors.get(f"{n}.weight_zero_point"))
-        for n in names
-        if f"{n}.weight_scale" in tensors
-    }
-
-
-class _Grid:
-    """GPTQ's column quantizer for one compressed-tensors QuantizationArgs and observer.
-
-    A group's grid is found from its columns as one scale per row (the 'channel' form of the
-    group arguments). Both methods work in the module's dtype, so Q(W) lies exactly on the grid
-    of the scales stored beside it.
-    """
-
-    def __init__(self, args: QuantizationArgs, observer: str, dtype: torch.dtype) -> None:
-        grouped = _value(args.strategy) == "group"
-        self.args = args.model_copy(update={"strategy": "channel", "group_size": None}) if grouped else args
-        self.observer = observer
-        self.dtype = dtype
-
-    def find_params(self, W: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero point) of W [rows, k] from the observer."""
-        return observe_weight(W.to(self.dtype), self.args, self.observer)
-
-    def quantize(self, w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
-        """Q(w) of a column [rows, 1] on the grid of (scale, zero point)."""
-        return fake_quantize_weight(w.to(self.dtype), scale, zero_point, self.args)

@@ -27,8 +27,8 @@ from reciprune.core import distributed as D
 from reciprune.core.targets import weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.constant import ConstantPruningModifier
-from reciprune.modifiers.pruning import TargetedModifier
 from reciprune.modifiers.registry import register_modifier
+from reciprune.modifiers.targeted import TargetedModifier
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession

@@ -22,8 +22,8 @@ from reciprune.core import distributed as D
 from reciprune.core.events import Event, EventType
 from reciprune.errors import ReciPruneError
 from reciprune.modifiers.constant import ConstantPruningModifier
-from reciprune.modifiers.pruning import TargetedModifier
 from reciprune.modifiers.registry import register_modifier
+from reciprune.modifiers.targeted import TargetedModifier
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession

@@ -8,7 +8,8 @@ from reciprune.core.layers import find_decoder_layers
 from reciprune.core.targets import resolve_targets, unmatched_patterns
 from reciprune.errors import ModelLoadError, RecipeError
 from reciprune.modifiers.base import Modifier
-from reciprune.modifiers.pruning import PruningModifier, TargetedModifier
+from reciprune.modifiers.pruning import PruningModifier
+from reciprune.modifiers.targeted import TargetedModifier
 from reciprune.recipe.schema import Recipe, Stage
 
 if TYPE_CHECKING:

@@ -1,0 +1,69 @@
+"""TargetedModifier: the targets / ignore fields and their resolution inside the decoder layers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field, field_validator
+from torch import nn
+
+from reciprune.core.layers import find_decoder_layers
+from reciprune.core.targets import resolve_targets, validate_target_syntax
+from reciprune.errors import RecipeError
+from reciprune.modifiers.base import Modifier
+
+if TYPE_CHECKING:
+    from reciprune.core.session import LifecycleSession
+
+
+class TargetedModifier(Modifier):
+    """Base for modifiers that act on Linear modules inside the decoder layers."""
+
+    targets: list[str] = Field(
+        default_factory=lambda: ["Linear"],
+        description="Modules to act on inside the decoder layers: class names ('Linear' also "
+        "matches GPT-2's Conv1D), module names, or 're:' regexes. A container (e.g. "
+        "'re:model.layers.\\d+$') selects every Linear inside it.",
+    )
+    ignore: list[str] = Field(
+        default_factory=list,
+        description="Modules to leave dense, in the same syntax as targets.",
+    )
+    @field_validator("targets", "ignore", mode="before")
+    @classmethod
+    def _as_list(cls, value: Any) -> Any:
+        return [value] if isinstance(value, str) else value
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _check_patterns(cls, value: list[str]) -> list[str]:
+        try:
+            validate_target_syntax(value)
+        except RecipeError as exc:
+            raise ValueError(str(exc)) from None
+        return value
+
+    def on_initialize(self, session: LifecycleSession) -> None:
+        layers_name, layers = find_decoder_layers(session.model)
+        self._layers_name = layers_name
+        self._num_layers = len(layers)
+        self._targets: dict[int, dict[str, nn.Module]] = {}
+        for index, layer in enumerate(layers):
+            found = resolve_targets(layer, self.targets, self.ignore, prefix=f"{layers_name}.{index}")
+            if found:
+                self._targets[index] = found
+        if not self._targets:
+            raise RecipeError(
+                f"{self.type_name()}: targets {self.targets} (ignore {self.ignore}) select no "
+                f"Linear module inside the decoder layers '{layers_name}'. Use 'Linear', module "
+                "names like 'model.layers.0.mlp.down_proj', or 're:' regexes."
+            )
+
+    def targeted_modules(self) -> dict[str, nn.Module]:
+        """Every module this modifier acts on, by full name (after `on_initialize`)."""
+        return {name: m for found in self._targets.values() for name, m in found.items()}
+
+    def check_targets(self, modules: dict[str, nn.Module]) -> None:
+        """Raise a RecipeError when the selected modules (full name → module) cannot take this
+        modifier's settings, e.g. a shape they need; `reciprune recipe check` calls it on the
+        model built from its config (meta tensors). Nothing to check by default."""
