@@ -27,9 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 MODELS = ["tiny", "smollm2"]
 MODES = ["dense", "sparse_distilled"]
@@ -39,7 +41,6 @@ SPARSITY = 0.5
 GLOBAL_BATCH = 4  # sequences per optimizer step over all processes
 PER_DEVICE = 2
 SEQ = 256
-PREPARED = "bench_model.json"  # written last: a folder without it is rebuilt
 
 RECIPE = """\
 sparse_finetune_stage:
@@ -54,24 +55,6 @@ sparse_finetune_stage:
 
 
 # --- model folders (built in a child process so this one never holds torch or a model) --------
-def _tiny_model():
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,  # the SmolLM2 tokenizer's, so the embedded data tokenizes as is
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,  # as SmolLM2
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def _magnitude_prune(model, sparsity: float) -> None:
     """Zero exactly the smallest-magnitude `sparsity` of every Linear weight in the decoder."""
     import torch
@@ -92,37 +75,24 @@ def prepare(name: str, dense_dir: Path, sparse_dir: Path) -> None:
     from reciprune.models import load_model
 
     smollm2, tokenizer, _ = load_model(None)
-    model = smollm2 if name == "smollm2" else _tiny_model()
+    model = smollm2 if name == "smollm2" else common.tiny_model()
     for folder, sparsity in ((dense_dir, 0.0), (sparse_dir, SPARSITY)):
         if sparsity:
             _magnitude_prune(model, sparsity)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        info = {"model": name, "sparsity": sparsity}
-        (folder / PREPARED).write_text(json.dumps(info) + "\n", encoding="utf-8")
+        common.save_prepared(model, tokenizer, folder, {"model": name, "sparsity": sparsity})
 
 
 def model_dirs(work: Path, name: str) -> tuple[Path, Path]:
     """The dense and sparse checkpoint folders of `name`, built on first use."""
     dense, sparse = work / "models" / f"{name}-dense", work / "models" / f"{name}-sparse50"
-    if not ((dense / PREPARED).is_file() and (sparse / PREPARED).is_file()):
+    if not (common.is_prepared(dense) and common.is_prepared(sparse)):
         print(f"building {dense} and {sparse} ...", flush=True)
         cmd = [sys.executable, __file__, "--prepare", name, str(dense), str(sparse)]
-        _run_checked(cmd, os.environ.copy())
+        common.run_checked(cmd, os.environ.copy())
     return dense, sparse
 
 
 # --- runs ---------------------------------------------------------------------------------------
-def _run_checked(cmd: list[str], env: dict[str, str]) -> None:
-    """Run `cmd`; on failure print it and the tail of its output, then exit with its status."""
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).splitlines()[-40:]
-        print(f"FAILED (exit status {done.returncode}): {' '.join(cmd)}", file=sys.stderr)
-        print("\n".join(tail), file=sys.stderr)
-        sys.exit(done.returncode or 1)
-
-
 def finetune_command(
     model: Path, output: Path, steps: int, procs: int, recipe: Path | None, teacher: Path | None
 ) -> list[str]:
@@ -142,23 +112,6 @@ def finetune_command(
     return cmd
 
 
-def thread_env(threads: int) -> dict[str, str]:
-    """Environment pinning each process to `threads` threads (torchrun keeps a set value)."""
-    env = os.environ.copy()
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
-
-
-def steady_tokens_per_second(curve: list[dict], warmup: int) -> float:
-    """Tokens/s over the optimizer steps after the first `warmup` (all steps if too few)."""
-    kept = curve[warmup:] if len(curve) > warmup else curve
-    return sum(r["tokens"] for r in kept) / max(sum(r["seconds"] for r in kept), 1e-9)
-
-
 def run_row(
     work: Path, name: str, mode: str, procs: int, steps: int, threads: int, warmup: int
 ) -> dict:
@@ -170,19 +123,20 @@ def run_row(
         recipe = work / "sparse_distilled.yaml"
         recipe.write_text(RECIPE, encoding="utf-8")
         cmd = finetune_command(sparse, output, steps, procs, recipe, dense)
-    _run_checked(cmd, thread_env(threads))
-    manifest = json.loads((output / "reciprune_manifest.json").read_text(encoding="utf-8"))
+    common.run_checked(cmd, common.thread_env(threads))
+    manifest = common.read_manifest(output)
     metrics, curve = manifest["metrics"], manifest["loss_curve"]
+    kept = common.steady_steps(curve, warmup)
     return {
         "model": name,
         "mode": mode,
         "processes": procs,
         "threads_per_process": threads,
         "steps": len(curve),
-        "tokens_per_second_steady": steady_tokens_per_second(curve, warmup),
+        "tokens_per_second_steady": common.tokens_per_second(kept),
         "tokens_per_second_all": metrics["tokens_per_second"],
         "peak_rss_mb_per_process": metrics["peak_rss_mb_per_process"],
-        "warmup_steps_dropped": warmup if len(curve) > warmup else 0,
+        "warmup_steps_dropped": len(curve) - len(kept),
         "loss_first": curve[0]["loss"] if curve else None,
         "loss_last": curve[-1]["loss"] if curve else None,
     }
@@ -218,7 +172,7 @@ def main() -> None:
         return
 
     models = ["tiny"] if args.quick else args.models
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cores = common.usable_cores()
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     print(f"embedded Wikipedia, {SEQ}-token sequences, global batch {GLOBAL_BATCH} "
@@ -231,7 +185,7 @@ def main() -> None:
         steps = args.steps or (QUICK_STEPS if args.quick else DEFAULT_STEPS[name])
         for mode in args.modes:
             for procs in args.procs:
-                threads = args.threads or max(1, (cores or 1) // procs)
+                threads = args.threads or max(1, cores // procs)
                 row = run_row(work, name, mode, procs, steps, threads, args.warmup)
                 rows.append(row)
                 print(table_row(row), flush=True)  # progress while the rest runs

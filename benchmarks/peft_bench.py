@@ -23,17 +23,18 @@ Columns:
   high-water mark, so it includes loading the model and, for rowsparse, the ZO importance passes
   before training.
 - Δ MB prepare+train: the memory the method itself costs, measured without changing reciprune:
-  the child is this script, which wraps `LifecycleSession.prepare` and `Trainer.train` and then
-  calls reciprune's CLI in-process (the command is otherwise `python -m reciprune finetune ...`).
-  Δ = peak resident size from `session.prepare()` (model and data loaded, nothing added yet:
-  the same state for every method) to the end of training, minus the resident size at that
-  point. It covers adding the adapters/deltas, rowsparse's ZO importance forwards, the AdamW
-  moments, gradients, activations and the final held-out evaluation (no gradients), plus what
-  the allocator keeps. The peak is the high-water mark (VmHWM) when it rose after prepare()
-  (exact); otherwise VmRSS sampled every 10 ms (a lower bound, marked "(sampled)"). Measuring
-  from the start of training instead would flatter rowsparse: its ZO forwards leave freed
-  memory with the allocator that training then reuses (the JSON also has
-  rss_at_train_start_mb). Linux only (/proc/self/status); elsewhere the column is empty.
+  the child is this script, which registers a `FinetuneCallback` (reciprune.pipelines.finetune
+  .add_callback) and then calls reciprune's CLI in-process (the command is otherwise
+  `python -m reciprune finetune ...`). Δ = peak resident size from the callback's `on_prepare`
+  (model and data loaded, just before the modifiers' on_prepare adds anything: the same state
+  for every method) to its `on_train_end`, minus the resident size at that point. It covers
+  adding the adapters/deltas, rowsparse's ZO importance forwards, the AdamW moments, gradients,
+  activations and the final held-out evaluation (no gradients), plus what the allocator keeps.
+  The peak is the high-water mark (VmHWM) when it rose after on_prepare (exact); otherwise
+  VmRSS sampled every 10 ms (a lower bound, marked "(sampled)"). Measuring from the start of
+  training (on_train_begin) instead would flatter rowsparse: its ZO forwards leave freed memory
+  with the allocator that training then reuses (the JSON also has rss_at_train_start_mb).
+  Linux only (/proc/self/status); elsewhere the column is empty.
 - step s: median seconds per optimizer step after the first `--warmup` steps (the median leaves
   out IST's importance-update steps, which add 3 forwards every 10 steps); tokens/s is Σ tokens /
   Σ seconds over the same steps, so it includes them.
@@ -56,12 +57,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
 import threading
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {
@@ -72,7 +74,6 @@ RECIPES = {
 }
 MODELS = ["smollm2", "tiny"]
 QUICK_STEPS = 12  # passes SpIEL's first reselection (after step 5) and IST's first update (10)
-PREPARED = "bench_model.json"  # written last: a folder without it is rebuilt
 CHILD_FLAG = "--measured-finetune"  # internal: `peft_bench.py --measured-finetune MEM.json ARGS`
 SAMPLE_SECONDS = 0.01
 #: What each modifier saves beside the checkpoint, and which of its tensors are trained values.
@@ -96,9 +97,9 @@ def _status_mb(field: str) -> float | None:
 
 
 class _MemoryWatch:
-    """Resident memory from `session.prepare()` (model and data loaded, nothing added yet) to
-    the end of `Trainer.train`: a sampler thread reads VmRSS, and the high-water mark decides
-    whether the peak is exact."""
+    """Resident memory from the finetune callbacks' `on_prepare` (model and data loaded, nothing
+    added yet) to their `on_train_end`: a sampler thread reads VmRSS, and the high-water mark
+    decides whether the peak is exact."""
 
     def __init__(self) -> None:
         self.record: dict[str, object] = {}
@@ -111,7 +112,7 @@ class _MemoryWatch:
             self._sampled = max(self._sampled, _status_mb("VmRSS") or 0.0)
 
     def begin(self) -> None:
-        """At session.prepare(): the common starting point of every method."""
+        """At on_prepare: the common starting point of every method."""
         self._hwm_before = _status_mb("VmHWM")
         self.record["rss_before_prepare_mb"] = self._sampled = _status_mb("VmRSS") or 0.0
         self._thread.start()
@@ -137,60 +138,36 @@ class _MemoryWatch:
 
 
 def measured_finetune(memory_json: Path, argv: list[str]) -> int:
-    """Run `reciprune <argv>` in this process, with LifecycleSession.prepare and Trainer.train
-    wrapped to measure their memory; nothing else changes."""
+    """Run `reciprune <argv>` in this process with a finetune callback measuring the memory
+    from prepare to the end of training; nothing else changes."""
     from reciprune.cli import main as cli_main
-    from reciprune.core.session import LifecycleSession
-    from reciprune.pipelines.finetune import Trainer
+    from reciprune.pipelines.finetune import FinetuneCallback, add_callback
 
     if _status_mb("VmRSS") is None:  # no /proc (not Linux): run unmeasured
         return cli_main(argv)
     watch = _MemoryWatch()
-    prepare, train = LifecycleSession.prepare, Trainer.train
 
-    def watched_prepare(self, *args, **kwargs):
-        watch.begin()
-        return prepare(self, *args, **kwargs)
+    class Watched(FinetuneCallback):
+        def on_prepare(self) -> None:
+            watch.begin()
 
-    def watched_train(self, *args, **kwargs):
-        watch.training_starts()
-        try:
-            return train(self, *args, **kwargs)
-        finally:
+        def on_train_begin(self, trainer) -> None:
+            watch.training_starts()
+
+        def on_train_end(self, trainer, result) -> None:
             watch.end(memory_json)
 
-    LifecycleSession.prepare, Trainer.train = watched_prepare, watched_train
+    add_callback(Watched())
     return cli_main(argv)
 
 
 # --- child: the model's Linears -----------------------------------------------------------------
-def _tiny_model():
-    """A Llama of SmolLM2's shape family, small: hidden 256, 4 layers, MLP 688, 4 / 2 KV heads."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=49152,  # the SmolLM2 tokenizer's, so ASDiv tokenizes as for SmolLM2
-        max_position_embeddings=2048,
-        tie_word_embeddings=True,  # as SmolLM2
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def prepare_tiny(folder: Path) -> None:
     """Save the tiny model with the SmolLM2 tokenizer."""
     from reciprune.models import load_model
 
     _, tokenizer, _ = load_model(None)
-    _tiny_model().save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    (folder / PREPARED).write_text(json.dumps({"model": "tiny"}) + "\n", encoding="utf-8")
+    common.save_prepared(common.tiny_model(), tokenizer, folder, {"model": "tiny"})
 
 
 def inspect_model(model_spec: str | None, out_json: Path, recipes: list[Path]) -> None:
@@ -274,27 +251,6 @@ def plan_budgets(info: dict, methods: list[str]) -> dict[str, dict]:
 
 
 # --- runs ---------------------------------------------------------------------------------------
-def _run_checked(cmd: list[str], env: dict[str, str]) -> None:
-    """Run `cmd`; on failure print it and the tail of its output, then exit with its status."""
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if done.returncode != 0:
-        tail = (done.stdout + done.stderr).splitlines()[-40:]
-        print(f"FAILED (exit status {done.returncode}): {' '.join(cmd)}", file=sys.stderr)
-        print("\n".join(tail), file=sys.stderr)
-        sys.exit(done.returncode or 1)
-
-
-def thread_env(threads: int) -> dict[str, str]:
-    """Environment pinning the child to `threads` threads."""
-    env = os.environ.copy()
-    env.update(
-        OMP_NUM_THREADS=str(threads),
-        MKL_NUM_THREADS=str(threads),
-        TOKENIZERS_PARALLELISM="false",
-    )
-    return env
-
-
 def trainable_from_files(folder: Path) -> tuple[int, list[str]]:
     """Trained values in the adapter/delta files saved beside the checkpoint, and those files."""
     total, found = 0, []
@@ -333,11 +289,11 @@ def run_method(
     if steps is not None:
         cmd += ["--max-steps", str(steps)]
     cmd += [f"--set={o}" for o in overrides]
-    _run_checked(cmd, env)
-    manifest = json.loads((output / "reciprune_manifest.json").read_text(encoding="utf-8"))
+    common.run_checked(cmd, env)
+    manifest = common.read_manifest(output)
     memory = json.loads(memory_json.read_text(encoding="utf-8")) if memory_json.is_file() else {}
     metrics, curve = manifest["metrics"], manifest["loss_curve"]
-    kept = curve[warmup:] if len(curve) > warmup else curve
+    kept = common.steady_steps(curve, warmup)
     seconds = [r["seconds"] for r in kept]
     trainable, files = trainable_from_files(output)
     start, peak = memory.get("rss_before_prepare_mb"), memory.get("method_peak_mb")
@@ -358,7 +314,7 @@ def run_method(
         "warmup_steps_dropped": len(curve) - len(kept),
         "step_seconds_median": statistics.median(seconds) if seconds else None,
         "step_seconds_mean": statistics.fmean(seconds) if seconds else None,
-        "tokens_per_second_steady": sum(r["tokens"] for r in kept) / max(sum(seconds), 1e-9),
+        "tokens_per_second_steady": common.tokens_per_second(kept),
         "tokens_per_second_all": metrics["tokens_per_second"],
         "train_loss_first": metrics.get("train_loss_first"),
         "train_loss_last": metrics.get("train_loss_last"),
@@ -428,22 +384,22 @@ def main() -> None:
 
     model = "tiny" if args.quick else args.models
     steps = args.steps or (QUICK_STEPS if args.quick else None)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    env = thread_env(args.threads or cores or 1)
+    env = common.thread_env(args.threads or common.usable_cores())
     work = args.work_dir.resolve()
     work.mkdir(parents=True, exist_ok=True)
     model_dir = None  # the embedded SmolLM2: reciprune's default model
     if model == "tiny":
         model_dir = work / "models" / "tiny"
-        if not (model_dir / PREPARED).is_file():
+        if not common.is_prepared(model_dir):
             print(f"building {model_dir} ...", flush=True)
-            _run_checked([sys.executable, __file__, "--prepare-tiny", str(model_dir)], env)
+            common.run_checked([sys.executable, __file__, "--prepare-tiny", str(model_dir)], env)
     # LoRA's recipe is always inspected: it sets the budget of the others.
     methods = args.methods
     inspected = sorted({"lora", *methods}, key=list(RECIPES).index)
     info_json = work / f"{model}_inspect.json"
-    _run_checked([sys.executable, __file__, "--inspect", str(model_dir or "-"), str(info_json),
-                  *[str(RECIPES[m]) for m in inspected]], env)  # fmt: skip
+    inspect = [sys.executable, __file__, "--inspect", str(model_dir or "-"), str(info_json),
+               *[str(RECIPES[m]) for m in inspected]]  # fmt: skip
+    common.run_checked(inspect, env)
     info = json.loads(info_json.read_text(encoding="utf-8"))
     plans = plan_budgets(info, methods)
     print(f"model {model}, {len(info['linears'])} decoder Linears, {info['total_params']:,} "
