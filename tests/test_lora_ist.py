@@ -268,7 +268,7 @@ def _train_steps(session, model, steps, *, batches=1, check=None):
         for a in range(batches):
             batch = _batch(seed=100 * step + a)
             session.event(EventType.BATCH_START, batch=batch)
-            loss = session.loss(batch)
+            loss = session.training.loss(batch)
             event = session.event(EventType.LOSS_COMPUTED, loss=loss, batch=batch)
             (event.loss / batches).backward()
             session.event(EventType.BATCH_END, batch=batch)
@@ -341,8 +341,8 @@ def test_a_harmful_layer_adapter_gets_a_rising_score(tiny_llama):
             if f"layers.{harmful}." in name and ".lora_B." in name:
                 p.copy_(torch.randn(p.shape, generator=g) * 0.05)
     with ist._suppressed({harmful}):
-        helped = session.loss(batches[0]).item()
-    assert helped < 0.5 * session.loss(batches[0]).item()  # suppressing layer 2 helps
+        helped = session.training.loss(batches[0]).item()
+    assert helped < 0.5 * session.training.loss(batches[0]).item()  # suppressing layer 2 helps
     history = [ist.scores]
     for step in range(6):  # importance updates only, on 2 micro-batches each: no optimizer steps
         session.advance_to(step)

@@ -154,16 +154,3 @@ def test_rerun_refuses_what_it_cannot_repeat(tiny_model_dir, text_files, tmp_pat
     assert main(["run", "--from-manifest", str(tmp_path / "x.json"), *new]) == 2
     assert "not a reciprune manifest" in capsys.readouterr().err
 
-
-def test_a_manifest_with_the_older_flat_invocation_still_reruns(tiny_model_dir, text_files, tmp_path):
-    out = tmp_path / "out"
-    assert main(_oneshot(tiny_model_dir, text_files, out)) == 0
-    path = out / MANIFEST
-    manifest = json.loads(path.read_text())
-    options = manifest.pop("options")
-    # How reciprune wrote it before options were grouped (oneshot: --max-seq-length by name).
-    manifest["invocation"] = {**options["model"], **options["calibration"], **options["evaluation"]}
-    path.write_text(json.dumps(manifest))
-    new = tmp_path / "new"
-    assert main(["run", "--from-manifest", str(path), "--output-dir", str(new), "--no-progress"]) == 0
-    _same_weights(out, new)

@@ -22,6 +22,7 @@ from reciprune.recipe.options import (
     ModelOptions,
     OutputOptions,
     PerplexityOptions,
+    flag_name,
     validate_options,
 )
 from reciprune.recipe.training import TrainingConfig
@@ -83,148 +84,140 @@ def _add_job_options(
     add_options(parser, PerplexityOptions)
 
 
-def _oneshot_parser(sub: Any) -> None:
-    oneshot = sub.add_parser(
-        "oneshot",
-        help="Prune/compress a model layer by layer on calibration data and save it.",
-        description="Apply a recipe's oneshot stages layer by layer on calibration data, print "
-        "dense vs compressed perplexity, and save a Hugging Face checkpoint with recipe.yaml and "
+#: Each command's one-line help, description and (optional) epilog in `--help`.
+COMMAND_TEXTS: dict[str, tuple[str, str, str | None]] = {
+    "oneshot": (
+        "Prune/compress a model layer by layer on calibration data and save it.",
+        "Apply a recipe's oneshot stages layer by layer on calibration data, print dense vs "
+        "compressed perplexity, and save a Hugging Face checkpoint with recipe.yaml and "
         "reciprune_manifest.json. Calibration options may also be set in a oneshot stage's "
         "'calibration:' mapping; flags override it.",
-    )
-    _add_recipe_args(oneshot)
-    add_options(oneshot, CalibrationOptions)
-    _add_job_options(oneshot, output_help={}, skip_output=("resume",))
-
-
-def _finetune_parser(sub: Any) -> None:
-    finetune = sub.add_parser(
-        "finetune",
-        help="Fine-tune a model with a recipe's finetune stage (FSDP2 under torchrun).",
-        description="Train a model while the stage's modifiers keep masks, distill from a "
-        "teacher or choose which parameters learn. One process runs as is; --nproc-per-node N "
-        "(or torchrun) shards the model with FSDP2. Saves a Hugging Face checkpoint with "
-        "recipe.yaml, reciprune_manifest.json (with the loss curve) and loss_curve.png; with "
-        "--save-steps, resumable checkpoints go to OUTPUT_DIR.checkpoints/ until the end.",
-        epilog="Training arguments come from the stage's 'training:' mapping in the recipe, then "
-        "these flags. The data default is the embedded Wikipedia passages.",
-    )
-    _add_recipe_args(finetune, required=False)
-    _add_job_options(
-        finetune,
-        output_help={
-            "output_dir": "Where to save the trained model.",
-            "overwrite": "Replace an existing --output-dir and delete old checkpoints of it.",
-        },
-    )
-    add_options(finetune, LaunchOptions)
-    group = finetune.add_argument_group(
-        "training arguments (override the recipe stage's 'training:' values)"
-    )
-    add_options(group, TrainingConfig)
-
-
-def _run_parser(sub: Any) -> None:
-    run = sub.add_parser(
-        "run",
-        help="Run every stage of a multi-stage recipe in order (oneshot and finetune).",
-        description="Execute all stages in order: oneshot stages by layer-wise calibration, "
-        "finetune stages by training. Stage S writes OUTPUT_DIR/S/, a complete checkpoint that "
-        "the next stage loads; the last one is the final model. A distillation teacher "
-        "'stage:NAME' is that stage's output. With --from-manifest it runs again what an "
-        "earlier output's manifest records.",
-    )
-    source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--recipe", help="Recipe YAML file (SparseML or explicit form).")
-    source.add_argument(
-        "--from-manifest",
-        default=None,
-        metavar="MANIFEST",
-        help="Re-run what the reciprune_manifest.json of an earlier `oneshot`, `finetune` or "
-        "`run` output (or its folder) records: the same recipe (its text in the manifest, or "
-        "recipe.yaml beside it, checked against the recorded hash), model, data, calibration, "
-        "training arguments, seed and evaluation options, into --output-dir. Stops before "
-        "loading weights if the manifest lacks any of these or the model has changed since. "
-        "Only --output-dir, --overwrite, --resume, --no-progress, --trust-remote-code and "
-        "--allow-model-change may be given with it.",
-    )
-    _add_override_args(run)
-    run.add_argument(
-        "--allow-model-change",
-        action="store_true",
-        help="With --from-manifest: run even if the model (or teacher) no longer has the "
-        "fingerprint the manifest records (the result may then differ).",
-    )
-    add_options(
-        run,
-        CalibrationOptions,
-        help={"dataset": "Data for every stage: calibration for oneshot stages, training for "
-              "finetune stages unless their 'training:' names a dataset."},
-    )  # fmt: skip
-    add_options(run, RunOptions)
-    add_options(run, LaunchOptions)
-    _add_job_options(
-        run,
-        output_help={
-            "output_dir": "Folder that receives one sub-folder per stage (re-running a oneshot "
-            "or finetune manifest: the output folder itself, laid out as that command writes it).",
-            "overwrite": "Replace existing stage outputs.",
-            "resume": "Skip stages whose output is complete; resume a finetune stage from its "
-            "checkpoint.",
-        },
-    )
-
-
-def _eval_parser(sub: Any) -> None:
-    evaluate = sub.add_parser(
-        "eval",
-        help="Evaluate a saved model: perplexity, lm-eval tasks, math, MT-Bench answers.",
-        description="Evaluate a saved model exactly as saved (sparse and quantized checkpoints "
-        "included): perplexity on a text file or the embedded held-out passages; lm-eval tasks "
-        "through its Python API, including reciprune's local tasks on packaged data (no "
-        "download); ASDiv math exact match and gold-answer likelihood; MT-Bench answer "
-        "generation. Prints a table; --output writes JSON.",
-        epilog="Local tasks (packaged data, no download): piqa, siqa, openbookqa, commonsenseqa, "
-        "boolq, mmlu, logiqa (multiple choice: acc, acc_norm), asdiv (generation exact_match + "
+        None,
+    ),
+    "finetune": (
+        "Fine-tune a model with a recipe's finetune stage (FSDP2 under torchrun).",
+        "Train a model while the stage's modifiers keep masks, distill from a teacher or choose "
+        "which parameters learn. One process runs as is; --nproc-per-node N (or torchrun) "
+        "shards the model with FSDP2. Saves a Hugging Face checkpoint with recipe.yaml, "
+        "reciprune_manifest.json (with the loss curve) and loss_curve.png; with --save-steps, "
+        "resumable checkpoints go to OUTPUT_DIR.checkpoints/ until the end.",
+        "Training arguments come from the stage's 'training:' mapping in the recipe, then these "
+        "flags. The data default is the embedded Wikipedia passages.",
+    ),
+    "run": (
+        "Run every stage of a multi-stage recipe in order (oneshot and finetune).",
+        "Execute all stages in order: oneshot stages by layer-wise calibration, finetune stages "
+        "by training. Stage S writes OUTPUT_DIR/S/, a complete checkpoint that the next stage "
+        "loads; the last one is the final model. A distillation teacher 'stage:NAME' is that "
+        "stage's output. With --from-manifest it runs again what an earlier output's manifest "
+        "records.",
+        None,
+    ),
+    "eval": (
+        "Evaluate a saved model: perplexity, lm-eval tasks, math, MT-Bench answers.",
+        "Evaluate a saved model exactly as saved (sparse and quantized checkpoints included): "
+        "perplexity on a text file or the embedded held-out passages; lm-eval tasks through its "
+        "Python API, including reciprune's local tasks on packaged data (no download); ASDiv "
+        "math exact match and gold-answer likelihood; MT-Bench answer generation. Prints a "
+        "table; --output writes JSON.",
+        "Local tasks (packaged data, no download): piqa, siqa, openbookqa, commonsenseqa, boolq, "
+        "mmlu, logiqa (multiple choice: acc, acc_norm), asdiv (generation exact_match + "
         "answer_nll), asdiv_nll (answer_nll only). A bare name means the local task; "
         "lm_eval:NAME forces lm-eval's registry task (e.g. lm_eval:piqa), and any other name "
         "(hellaswag, gsm8k, ...) is an lm-eval registry task, which needs network or a cache. "
         "Without --tasks or --mt-bench-questions, perplexity on the embedded passages is measured.",
-    )
+    ),
+    "compare": (
+        "Print saved models side by side: manifests and evaluation results.",
+        "Print a side-by-side table of model folders: model source, run type, recipe hash, "
+        "sparsity, perplexity and loss metrics from reciprune_manifest.json, weight file size, "
+        "and every task metric in eval_results.json (written by `reciprune eval "
+        "--save-results`). A results JSON file from `reciprune eval --output` may be passed too.",
+        None,
+    ),
+    "report": (
+        "Print the per-layer table of a oneshot output and plot it.",
+        "Print each compressed module's sparsity, N:M pattern and relative reconstruction error "
+        "‖WX − W'X‖²/‖WX‖² on the calibration data, from the output's manifest, and write "
+        "layer_report.png beside it.",
+        None,
+    ),
+    "recipe": ("Work with recipes (check).", "Work with recipes (check).", None),
+    "modifiers": (
+        "List the available modifiers.",
+        "List every registered modifier (built-in and from the 'reciprune.modifiers' "
+        "entry-point group) with one line each.",
+        None,
+    ),
+}
+_RUN_HELP = {
+    "output_dir": "Folder that receives one sub-folder per stage (re-running a oneshot or "
+    "finetune manifest: the output folder itself, laid out as that command writes it).",
+    "overwrite": "Replace existing stage outputs.",
+    "resume": "Skip stages whose output is complete; resume a finetune stage from its checkpoint.",
+    "dataset": "Data for every stage: calibration for oneshot stages, training for finetune "
+    "stages unless their 'training:' names a dataset.",
+}
+_FROM_MANIFEST_HELP = (
+    "Re-run what the reciprune_manifest.json of an earlier `oneshot`, `finetune` or `run` output "
+    "(or its folder) records: the same recipe (its text in the manifest, or recipe.yaml beside "
+    "it, checked against the recorded hash), model, data, calibration, training arguments, seed "
+    "and evaluation options, into --output-dir. Stops before loading weights if the manifest "
+    "lacks any of these or the model has changed since. Only --output-dir, --overwrite, "
+    "--resume, --no-progress, --trust-remote-code and --allow-model-change may be given with it."
+)
+
+
+def _command(sub: Any, name: str) -> argparse.ArgumentParser:
+    help_text, description, epilog = COMMAND_TEXTS[name]
+    return sub.add_parser(name, help=help_text, description=description, epilog=epilog)
+
+
+def _job_commands(sub: Any) -> None:
+    """oneshot, finetune and run: a recipe, option groups, model, output and perplexity."""
+    oneshot = _command(sub, "oneshot")
+    _add_recipe_args(oneshot)
+    add_options(oneshot, CalibrationOptions)
+    _add_job_options(oneshot, output_help={}, skip_output=("resume",))
+
+    finetune = _command(sub, "finetune")
+    _add_recipe_args(finetune, required=False)
+    _add_job_options(finetune, output_help={
+        "output_dir": "Where to save the trained model.",
+        "overwrite": "Replace an existing --output-dir and delete old checkpoints of it.",
+    })  # fmt: skip
+    add_options(finetune, LaunchOptions)
+    add_options(finetune.add_argument_group(
+        "training arguments (override the recipe stage's 'training:' values)"), TrainingConfig)  # fmt: skip
+
+    run = _command(sub, "run")
+    source = run.add_mutually_exclusive_group(required=True)
+    source.add_argument("--recipe", help="Recipe YAML file (SparseML or explicit form).")
+    source.add_argument("--from-manifest", metavar="MANIFEST", help=_FROM_MANIFEST_HELP)
+    _add_override_args(run)
+    run.add_argument("--allow-model-change", action="store_true", help="With --from-manifest: "
+                     "run even if the model (or teacher) no longer has the fingerprint the "
+                     "manifest records (the result may then differ).")  # fmt: skip
+    for options in (CalibrationOptions, RunOptions, LaunchOptions):
+        add_options(run, options, help=_RUN_HELP)
+    _add_job_options(run, output_help=_RUN_HELP)
+
+
+def _other_commands(sub: Any) -> None:
+    """eval, compare, report, recipe check, modifiers."""
+    evaluate = _command(sub, "eval")
     add_options(evaluate, ModelOptions)
     add_options(evaluate, EvalOptions)
-
-
-def _small_parsers(sub: Any) -> None:
-    """compare, report, recipe check, modifiers."""
-    compare = sub.add_parser(
-        "compare",
-        help="Print saved models side by side: manifests and evaluation results.",
-        description="Print a side-by-side table of model folders: model source, run type, recipe "
-        "hash, sparsity, perplexity and loss metrics from reciprune_manifest.json, weight file "
-        "size, and every task metric in eval_results.json (written by `reciprune eval "
-        "--save-results`). A results JSON file from `reciprune eval --output` may be passed too.",
-    )
-    compare.add_argument(
-        "dirs", nargs="+", metavar="DIR", help="Model folders (or eval results JSON files)."
-    )
-    compare.add_argument(
-        "--markdown", action="store_true", help="Print a Markdown table (e.g. for a README)."
-    )
-    report = sub.add_parser(
-        "report",
-        help="Print the per-layer table of a oneshot output and plot it.",
-        description="Print each compressed module's sparsity, N:M pattern and relative "
-        "reconstruction error ‖WX − W'X‖²/‖WX‖² on the calibration data, from the output's "
-        "manifest, and write layer_report.png beside it.",
-    )
+    compare = _command(sub, "compare")
+    compare.add_argument("dirs", nargs="+", metavar="DIR",
+                         help="Model folders (or eval results JSON files).")  # fmt: skip
+    compare.add_argument("--markdown", action="store_true",
+                         help="Print a Markdown table (e.g. for a README).")  # fmt: skip
+    report = _command(sub, "report")
     report.add_argument("output_dir", help="A folder written by `reciprune oneshot`.")
-    report.add_argument(
-        "--plot", default=None, help="Where to write the PNG (default: OUTPUT_DIR/layer_report.png)."
-    )
-    recipe = sub.add_parser("recipe", help="Work with recipes (check).")
-    recipe_sub = recipe.add_subparsers(dest="recipe_command", metavar="ACTION")
-    check = recipe_sub.add_parser(
+    report.add_argument("--plot", help="Where to write the PNG (default: "
+                        "OUTPUT_DIR/layer_report.png).")  # fmt: skip
+    check = _command(sub, "recipe").add_subparsers(dest="recipe_command", metavar="ACTION").add_parser(
         "check",
         help="Validate a recipe and print its plan.",
         description="Validate a recipe (no weights are loaded) and print the plan: stages, "
@@ -232,21 +225,12 @@ def _small_parsers(sub: Any) -> None:
     )
     _add_recipe_args(check, positional=True)
     add_options(check, ModelOptions)
-    check.add_argument(
-        "--no-model", action="store_true", help="Validate only; do not resolve targets on a model."
-    )
-    mods = sub.add_parser(
-        "modifiers",
-        help="List the available modifiers.",
-        description="List every registered modifier (built-in and from the 'reciprune.modifiers' "
-        "entry-point group) with one line each.",
-    )
-    mods.add_argument(
-        "--markdown",
-        default=None,
-        metavar="DIR",
+    check.add_argument("--no-model", action="store_true",
+                       help="Validate only; do not resolve targets on a model.")  # fmt: skip
+    _command(sub, "modifiers").add_argument(
+        "--markdown", metavar="DIR",
         help="Write one reference page per modifier into DIR (as in the repo's modifiers/).",
-    )
+    )  # fmt: skip
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -259,8 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"reciprune {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in (_oneshot_parser, _finetune_parser, _run_parser, _eval_parser, _small_parsers):
-        add(sub)
+    _job_commands(sub)
+    _other_commands(sub)
     return parser
 
 
@@ -349,7 +333,8 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         check_4bit_base(training, stage, nproc)
         code = run_under_torchrun(job, nproc)
         if code == 0:
-            _print_metrics(job.output.output_dir, _manifest_metrics(job.output.output_dir))
+            manifest = job.output.output_dir / "reciprune_manifest.json"
+            _print_metrics(job.output.output_dir, json.loads(manifest.read_text("utf-8"))["metrics"])
         return code
     from reciprune.pipelines.finetune_job import run_finetune_job
 
@@ -359,19 +344,11 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     return 0
 
 
-def _manifest_metrics(folder: Path) -> dict[str, Any]:
-    from reciprune.export.save import MANIFEST_FILE
-
-    return json.loads((Path(folder) / MANIFEST_FILE).read_text(encoding="utf-8"))["metrics"]
-
-
 def _recorded_flags(args: argparse.Namespace) -> list[str]:
     """Flags given beside --from-manifest whose values the manifest records."""
-    given = [f"--{n}" for n in ("set", "stage") if getattr(args, {"set": "overrides"}.get(n, n))]
-    for cls in (CalibrationOptions, PerplexityOptions, RunOptions, LaunchOptions):
-        given += [f"--{n.replace('_', '-')}" for n in given_flags(args, cls)]
-    if getattr(args, "model", None) is not None:
-        given.append("--model")
+    given = ["--set"] * bool(args.overrides) + ["--stage"] * bool(args.stage)
+    for cls in (ModelOptions, CalibrationOptions, PerplexityOptions, RunOptions, LaunchOptions):
+        given += [flag_name(n) for n in given_flags(args, cls) if n != "trust_remote_code"]
     return given
 
 

@@ -181,11 +181,6 @@ def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
     return (values * scale).reshape(q.shape).to(dtype)
 
 
-def nf4_round_trip(W: Tensor, blocksize: int = BLOCKSIZE, double_quant: bool = False) -> Tensor:
-    """NF4(W): dequantize(quantize(W)) in W's dtype."""
-    return dequantize_nf4(quantize_nf4(W, blocksize, double_quant), W.dtype)
-
-
 # --- quant-residual initialisation -------------------------------------------------------------
 @dataclass
 class QuantResidual:

@@ -29,12 +29,3 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             "(Llama, Qwen2/3, Mistral, GPT-2, OPT and similar)."
         )
     return max(pool, key=lambda c: len(c[1]))
-
-
-def layer_index_of(module_name: str, layers_name: str) -> int | None:
-    """The decoder-layer index in a full module name, e.g. 'model.layers.3.mlp' → 3."""
-    prefix = layers_name + "."
-    if not module_name.startswith(prefix):
-        return None
-    head = module_name[len(prefix):].split(".", 1)[0]
-    return int(head) if head.isdigit() else None

@@ -71,19 +71,7 @@ class LifecycleSession:
         self._initialized = False
         self._finalized = False
 
-    # collaborators (read-only for modifiers) ---------------------------------------------------
-    @property
-    def loss(self) -> Callable[[dict[str, torch.Tensor]], torch.Tensor] | None:
-        return self.training.loss
-
-    @property
-    def sample_batches(self) -> list[dict[str, torch.Tensor]]:
-        return self.training.sample_batches
-
-    @property
-    def base_quantization(self) -> Any:
-        return self.training.base_quantization
-
+    # training state (read-only for modifiers; the collaborators are in `training`) -------------
     @property
     def optimizer(self) -> torch.optim.Optimizer | None:
         """The optimizer once training started, for modifiers that edit its state (e.g. the

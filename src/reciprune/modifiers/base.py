@@ -86,7 +86,7 @@ class Modifier(BaseModel):
     @property
     def needs_4bit_base(self) -> bool:
         """Whether the finetune stage must run on a 4-bit base (`load_in_4bit`); the modifier
-        then reads the NF4 backend from `session.base_quantization`."""
+        then reads the NF4 backend from `session.training.base_quantization`."""
         return False
 
     def missing_4bit_base(self) -> Exception:
@@ -125,8 +125,8 @@ class Modifier(BaseModel):
         """Finetune stages: called once before `on_initialize`, on the whole model before it is
         sharded and before the optimizer is built. Add trainable parameters (registered on the
         modules they belong to, so FSDP shards them with their layer), wrap or freeze modules
-        here. `session.sample_batches` (the first optimizer step's micro-batches) and
-        `session.loss(batch)` (the task loss) serve methods that score parameters first.
+        here. `session.training.sample_batches` (the first optimizer step's micro-batches) and
+        `session.training.loss(batch)` (the task loss) serve methods that score parameters first.
         It must be deterministic: a resumed run prepares again before loading its checkpoint."""
 
     def on_initialize(self, session: LifecycleSession) -> None:

@@ -219,8 +219,8 @@ class ISTModifier(Modifier):
             self._set_trainable(set(range(len(self._indices))))
 
     def _update_importance(self, session: LifecycleSession, step: int) -> None:
-        if session.loss is None:
-            raise RuntimeError("ISTModifier needs session.loss (the task loss of a batch)")
+        if session.training.loss is None:
+            raise RuntimeError("ISTModifier needs session.training.loss (the task loss of a batch)")
         model = session.model
         suppressed = sample_suppression_rollouts(
             self._scores, self._n_suppress, self.rollouts, _generator(self.seed, step, _SUPPRESS)
@@ -232,7 +232,7 @@ class ISTModifier(Modifier):
             with torch.no_grad():
                 for layers in suppressed:
                     with self._suppressed(set(layers.tolist())):
-                        batch_losses = [float(session.loss(b)) for b in self._batches]
+                        batch_losses = [float(session.training.loss(b)) for b in self._batches]
                     losses.append(sum(batch_losses) / len(batch_losses))
         finally:
             model.train(training)

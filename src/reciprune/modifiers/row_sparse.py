@@ -188,7 +188,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
     def _residual_backend(self, session: LifecycleSession) -> Any:
         if self.init != "quant_residual":
             return None
-        backend = session.base_quantization
+        backend = session.training.base_quantization
         if backend is None:
             raise self.missing_4bit_base()
         conv1d = [n for n, m in self._modules.items() if not isinstance(m, nn.Linear)]
@@ -272,11 +272,11 @@ class RowSparseFinetuneModifier(TargetedModifier):
             return {n: l2_row_scores(weight_matrix(m)) for n, m in modules.items()}
         if self.importance == "magnitude":
             return {n: magnitude_row_scores(weight_matrix(m)) for n, m in modules.items()}
-        batches, loss = session.sample_batches, session.loss
+        batches, loss = session.training.sample_batches, session.training.loss
         if not batches or loss is None:
             raise ReciPruneError(
                 f"{self.type_name()} with importance '{self.importance}' scores rows on training "
-                "batches, and the session has none (session.sample_batches / session.loss are "
+                "batches, and the session has none (session.training.sample_batches / session.training.loss are "
                 "set by `reciprune finetune`). Use importance l2 or magnitude, or run it in a "
                 "finetune stage."
             )

@@ -26,8 +26,6 @@ def run_under_torchrun(job: FinetuneJob, nproc: int) -> int:
             "--nproc-per-node is for starting torchrun; this process already runs under torchrun. "
             "Drop --nproc-per-node (torchrun's own --nproc-per-node sets the processes)."
         )
-    if nproc < 1:
-        raise ReciPruneError("--nproc-per-node must be at least 1")
     handle, name = tempfile.mkstemp(suffix=".json", prefix=".reciprune-job-")
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as f:

@@ -25,7 +25,6 @@ from reciprune.modifiers.base import Modifier
 from reciprune.pipelines.calibration import OneshotResult, select_pipeline
 from reciprune.pipelines.job_run import JobRun
 from reciprune.pipelines.jobs import OneshotJob
-from reciprune.recipe.options import CalibrationOptions
 from reciprune.recipe.schema import Stage
 
 Batch = dict[str, torch.Tensor]
@@ -121,16 +120,12 @@ def _load_data(run: _OneshotRun, tokenizer: Any) -> None:
 
 
 def _calibration_record(run: _OneshotRun) -> dict[str, Any]:
-    """The calibration each stage read, for the manifest."""
-    stages = run.job.recipe.stages
-    options = {s.name: run.job.stage_calibration(s) for s in stages}
-    first: CalibrationOptions = options[stages[0].name]
+    """The calibration each stage read (resolved options), for the manifest."""
     return {
-        "dataset": first.dataset,
-        "num_samples": first.num_calibration_samples if run.data else 0,
-        "max_seq_length": first.max_seq_length,
-        "stages": {name: o.model_dump(mode="json") for name, o in options.items()},
-    }
+        stage.name: {**run.job.stage_calibration(stage).model_dump(mode="json"),
+                     "used": stage.name in run.data}
+        for stage in run.job.recipe.stages
+    }  # fmt: skip
 
 
 def _save(run: _OneshotRun, model: nn.Module, tokenizer: Any) -> dict[str, dict[str, Any]]:

@@ -2,8 +2,7 @@
 
 A manifest of `reciprune oneshot`, `reciprune finetune` or `reciprune run` holds the recipe that
 was applied (its text, checked against `recipe_sha256`; or `recipe.yaml` beside it), the job's
-options (`invocation`: model, data, calibration, seed, evaluation; for finetune the resolved
-training arguments under `training`) and the fingerprints of the model (and teacher) it started
+option groups (`options`: model, calibration, evaluation, training, ...) and the fingerprints of the model (and teacher) it started
 from. Each kind is re-run by the same job that wrote it, so a oneshot manifest gives a oneshot
 output folder and a run manifest a run folder. Everything is checked before any weights load.
 """
@@ -126,46 +125,14 @@ def check_source(
     return None if source.spec == DEFAULT_MODEL else source.spec
 
 
-#: Option names of manifests written before options were grouped (`invocation`).
-_LEGACY_NAMES = {"calibration_seq_length": "max_seq_length"}
-_LEGACY_DROPPED = {"world_size", "ppl_max_seq_length"}
-
-
 def _recorded_options(manifest: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
-    """The job's options as recorded: `options` (grouped), or an older flat `invocation`."""
-    if isinstance(manifest.get("options"), dict):
-        options = dict(manifest["options"])
-    elif isinstance(manifest.get("invocation"), dict):
-        options = _group_legacy(manifest["invocation"], kind, path)
-    else:
+    """The job's option groups as the manifest records them (`options`)."""
+    if not isinstance(manifest.get("options"), dict):
         raise _missing(path, "the options it ran with (options)")
+    options = dict(manifest["options"])
     if kind == "finetune" and "training" not in options:
-        if "training" not in manifest:
-            raise _missing(path, "the training arguments (training)")
-        options["training"] = manifest["training"]
+        raise _missing(path, "the training arguments (options.training)")
     return options
-
-
-def _group_legacy(flat: dict[str, Any], kind: str, path: Path) -> dict[str, Any]:
-    cls = JOB_KINDS[kind]
-    groups: dict[str, dict[str, Any]] = {}
-    for key, value in flat.items():
-        if key in _LEGACY_DROPPED:
-            continue
-        name = _LEGACY_NAMES.get(key, key)
-        group = next(
-            (g for g in cls.option_groups if g != "training"
-             and name in cls.model_fields[g].annotation.model_fields),
-            None,
-        )  # fmt: skip
-        if group is None:
-            raise ReciPruneError(
-                f"--from-manifest {path}: the manifest records an option this reciprune does not "
-                f"know ({key}); it was written by another version. Re-run it with that version, "
-                "or by hand with `reciprune run --recipe`."
-            )
-        groups.setdefault(group, {})[name] = value
-    return groups
 
 
 def prepare_rerun(
@@ -206,8 +173,7 @@ def prepare_rerun(
             f"--from-manifest {path}: the recorded options do not validate ({exc}); it was "
             "written by another version of reciprune."
         ) from None
-    world_size = int(manifest.get("world_size") or manifest.get("invocation", {}).get("world_size") or 1)
-    return Rerun(job, manifest, path, world_size)
+    return Rerun(job, manifest, path, int(manifest.get("world_size") or 1))
 
 
 def compare_data(rerun: Rerun, new_manifest: dict[str, Any]) -> list[str]:

@@ -1,7 +1,7 @@
 """Checkpoint formats: one class per way of writing weights (see `base`).
 
-`choose_format` picks by name, or ("auto") the first listed whose `applies` accepts what the
-stage's modifiers produced: compressed-tensors when modules are quantized, else dense.
+`choose_format` picks by name, or ("auto") the first in `FORMATS` whose `applies` accepts what
+the modifiers produced: compressed-tensors when modules are quantized, else dense.
 """
 
 from __future__ import annotations
@@ -11,10 +11,8 @@ from reciprune.export.formats.base import CheckpointContents, CheckpointFormat
 from reciprune.export.formats.dense import SPARSITY_CONFIG_KEY, DenseFormat
 from reciprune.export.formats.quantized import QuantizedFormat
 
-#: Registered formats, in the order "auto" tries them.
-FORMATS: dict[str, type[CheckpointFormat]] = {
-    cls.name: cls for cls in (QuantizedFormat, DenseFormat)
-}
+FORMATS: dict[str, type[CheckpointFormat]] = {cls.name: cls for cls in (QuantizedFormat, DenseFormat)}
+__all__ = ["FORMATS", "SPARSITY_CONFIG_KEY", "CheckpointContents", "CheckpointFormat", "choose_format"]
 
 
 def choose_format(contents: CheckpointContents, name: str = "auto") -> CheckpointFormat:
@@ -32,11 +30,3 @@ def choose_format(contents: CheckpointContents, name: str = "auto") -> Checkpoin
         )
     return FORMATS[name]()
 
-
-__all__ = [
-    "FORMATS",
-    "SPARSITY_CONFIG_KEY",
-    "CheckpointContents",
-    "CheckpointFormat",
-    "choose_format",
-]

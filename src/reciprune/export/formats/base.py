@@ -12,20 +12,17 @@ from transformers import PreTrainedModel
 
 @dataclass(frozen=True)
 class CheckpointContents:
-    """What the stage's modifiers produced (their declared `produces`), as the export needs it.
-
-    `sparsity` is the compressed-tensors sparsity metadata of the pruned modules (None: no
-    sparsity to advertise); `quantized` says that modules carry quantization schemes to pack.
-    """
+    """What the modifiers produced (their declared `produces`): the sparsity metadata of the
+    pruned modules (None: no sparsity to advertise) and whether modules carry quantization
+    schemes to pack."""
 
     sparsity: dict[str, Any] | None = None
     quantized: bool = False
 
 
 class CheckpointFormat(ABC):
-    """Writes the model's weights and config into a (temporary) folder."""
+    """Writes the model's weights and config.json into a (temporary) folder."""
 
-    #: The name users pick it by.
     name: ClassVar[str]
 
     @classmethod
@@ -35,7 +32,7 @@ class CheckpointFormat(ABC):
 
     @abstractmethod
     def write(self, model: PreTrainedModel, folder: Path, contents: CheckpointContents) -> dict:
-        """Save weights and config.json into `folder`; returns the manifest's `checkpoint`."""
+        """Save into `folder`; returns the manifest's `checkpoint` record."""
 
 
 def weight_bytes(folder: Path) -> int:

@@ -1,7 +1,7 @@
 """Calibration pipelines: how a oneshot stage walks the model (see `base`).
 
-`select_pipeline` picks one by name, or ("auto") the first listed that supports the stage's
-modifiers: data-free when no modifier reads calibration data, else layer-wise in memory.
+`select_pipeline` picks one by name, or ("auto") the first in `PIPELINES` that supports the
+stage's modifiers: data-free when no modifier reads calibration data, else layer-wise.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ from reciprune.pipelines.calibration.layerwise import (
     capture_layer_inputs,
 )
 
-#: Registered pipelines, in the order "auto" tries them.
 PIPELINES: dict[str, type[CalibrationPipeline]] = {
     cls.name: cls for cls in (DataFreePipeline, LayerwisePipeline)
 }
+__all__ = ["CalibrationPipeline", "LayerInputs", "LayerStep", "OneshotResult", "PIPELINES",
+           "capture_layer_inputs", "select_pipeline"]  # fmt: skip
 
 
 def select_pipeline(modifiers: list[Modifier], name: str = "auto") -> type[CalibrationPipeline]:
@@ -30,24 +31,9 @@ def select_pipeline(modifiers: list[Modifier], name: str = "auto") -> type[Calib
         raise ReciPruneError(
             f"unknown calibration pipeline {name!r}; choose one of: auto, {', '.join(PIPELINES)}."
         )
-    cls = PIPELINES[name]
-    if not cls.supports(modifiers):
-        names = ", ".join(m.type_name() for m in modifiers)
+    if not PIPELINES[name].supports(modifiers):
         raise ReciPruneError(
-            f"the {name} pipeline cannot run {names} (they need calibration data); use "
-            "--pipeline auto."
+            f"the {name} pipeline cannot run {', '.join(m.type_name() for m in modifiers)} (they "
+            "need calibration data); use --pipeline auto."
         )
-    return cls
-
-
-__all__ = [
-    "PIPELINES",
-    "CalibrationPipeline",
-    "DataFreePipeline",
-    "LayerInputs",
-    "LayerStep",
-    "LayerwisePipeline",
-    "OneshotResult",
-    "capture_layer_inputs",
-    "select_pipeline",
-]
+    return PIPELINES[name]

@@ -37,20 +37,16 @@ class OneshotResult:
 
 @dataclass
 class LayerStep:
-    """One decoder layer as the pipeline hands it to the session."""
+    """One decoder layer as events carry it (`vars(step)` are the event's layer fields)."""
 
-    index: int
-    name: str
+    layer_index: int
+    layer_name: str
     layer: nn.Module
-
-    def fields(self) -> dict[str, Any]:
-        return {"layer_index": self.index, "layer_name": self.name, "layer": self.layer}
 
 
 class CalibrationPipeline(ABC):
     """Runs a oneshot stage's modifiers over a model; subclasses walk the layers."""
 
-    #: The name users pick it by (`--pipeline`, when several apply).
     name: ClassVar[str]
 
     def __init__(self, *, progress: bool = True, description: str = "oneshot") -> None:
@@ -66,8 +62,7 @@ class CalibrationPipeline(ABC):
     def run(
         self, model: nn.Module, modifiers: list[Modifier], batches: list[Batch] | None
     ) -> OneshotResult:
-        """Apply `modifiers` to `model` over the calibration `batches`; the model is changed in
-        place and left in the mode it was in."""
+        """Apply `modifiers` to `model` (in place) over the calibration `batches`."""
         started = time.perf_counter()
         self.timings = {}
         session = LifecycleSession(model, modifiers, run_type="oneshot", probe=ReconstructionProbe())
@@ -89,16 +84,11 @@ class CalibrationPipeline(ABC):
     def calibrate(self, session: LifecycleSession, batches: list[Batch] | None) -> None:
         """Emit the calibration events for every decoder layer of `session.model`."""
 
-    # helpers for subclasses ----------------------------------------------------------------
     def layer_steps(self, model: nn.Module, label: str = "") -> Iterator[LayerStep]:
         """The decoder layers in order, behind a progress bar."""
         layers_name, layers = find_decoder_layers(model)
-        bar = tqdm(
-            list(enumerate(layers)),
-            desc=f"{self.description}{label}",
-            unit="layer",
-            disable=not self.progress,
-        )
+        bar = tqdm(list(enumerate(layers)), desc=f"{self.description}{label}", unit="layer",
+                   disable=not self.progress)  # fmt: skip
         for index, layer in bar:
             yield LayerStep(index, f"{layers_name}.{index}", layer)
 

@@ -23,8 +23,8 @@ class DataFreePipeline(CalibrationPipeline):
         session.event(EventType.CALIBRATION_START)
         self.timings["compress"] = 0.0
         for step in self.layer_steps(session.model):
-            session.event(EventType.LAYER_START, **step.fields())
             t0 = time.perf_counter()
-            session.event(EventType.LAYER_CALIBRATED, **step.fields())
+            session.event(EventType.LAYER_START, **vars(step))
+            session.event(EventType.LAYER_CALIBRATED, **vars(step))
             self.timed("compress", t0)
         session.event(EventType.CALIBRATION_END)

@@ -23,7 +23,6 @@ from reciprune.core.events import EventType
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.session import LifecycleSession
 from reciprune.errors import ReciPruneError
-from reciprune.modifiers.base import Modifier
 from reciprune.pipelines.calibration.base import Batch, CalibrationPipeline, LayerStep
 
 
@@ -96,10 +95,6 @@ class LayerwisePipeline(CalibrationPipeline):
 
     name = "layerwise"
 
-    @classmethod
-    def supports(cls, modifiers: list[Modifier]) -> bool:
-        return True
-
     # where things live (overridden by pipelines that move layers) --------------------------
     def execution_device(self, model: nn.Module) -> torch.device:
         return next(model.parameters()).device
@@ -123,7 +118,7 @@ class LayerwisePipeline(CalibrationPipeline):
         return inputs
 
     def onload(self, step: LayerStep) -> None:
-        """Make the layer ready to run on the execution device."""
+        """Make the layer ready to run on the execution device (subclasses move it)."""
 
     def offload(self, step: LayerStep) -> None:
         """Put the compressed layer back where it is kept."""
@@ -178,16 +173,16 @@ class LayerwisePipeline(CalibrationPipeline):
             self.onload(step)
             t0 = time.perf_counter()
             if profile:  # statistics and the next layer's inputs from one forward
-                session.event(EventType.PROFILE_LAYER_START, **step.fields())
+                session.event(EventType.PROFILE_LAYER_START, **vars(step))
                 self.forward(step, inputs, propagate=True, storage=storage)
-                session.event(EventType.PROFILE_LAYER_END, **step.fields())
+                session.event(EventType.PROFILE_LAYER_END, **vars(step))
                 self.timed("profile", t0)
             else:
-                session.event(EventType.LAYER_START, **step.fields())
+                session.event(EventType.LAYER_START, **vars(step))
                 if session.statistics.tracking:
                     self.forward(step, inputs, propagate=False, storage=storage)
                 t0 = self.timed("calibration_forward", t0)
-                session.event(EventType.LAYER_CALIBRATED, **step.fields())
+                session.event(EventType.LAYER_CALIBRATED, **vars(step))
                 t0 = self.timed("compress", t0)
                 self.forward(step, inputs, propagate=True, storage=storage)
                 self.timed("propagate", t0)
