@@ -69,8 +69,9 @@ def run_oneshot_job(job: OneshotJob) -> dict[str, Any]:
         calibration = job.stage_calibration(stage)
         batches = list(data.batches(calibration.calibration_batch_size)) if data else None
         result = run_oneshot(
-            model, stage.modifiers, batches, progress=job.output.progress, description=stage.name
-        )
+            model, stage.modifiers, batches, progress=job.output.progress,
+            description=stage.name, pipeline=calibration.pipeline,
+        )  # fmt: skip
         for name, record in result.records.items():
             run.records.setdefault(name, {}).update(record)
         run.timings.update({f"{stage.name}.{k}": v for k, v in result.timings.items()})
@@ -88,6 +89,8 @@ def _check(job: OneshotJob) -> _OneshotRun:
             "stages only: pass --stage NAME to run one of its oneshot stages"
         )
     check_output_dir(job.output.output_dir, job.output.overwrite)
+    for stage in job.recipe.stages:  # an unknown or unfit pipeline fails before weights load
+        select_pipeline(stage.modifiers, job.stage_calibration(stage).pipeline)
     run = _OneshotRun(job=job, source=resolve_model(job.model.model))  # bad paths fail here
     run.load_eval_texts()
     return run

@@ -89,6 +89,12 @@ class CalibrationOptions(Options):
         8, "Sequences per calibration forward: memory vs speed.", gt=0, metavar="N"
     )
     seed: int = option(42, "Seed for data sampling.", metavar="N")
+    pipeline: str = option(
+        "auto",
+        "How a oneshot stage walks the model: layerwise (in memory), data_free (modifiers that "
+        "read only weights), or auto (data_free when no modifier needs data, else layerwise).",
+        metavar="NAME",
+    )
 
 
 class PerplexityOptions(Options):
