@@ -145,3 +145,25 @@ def test_validation_errors_of_options_are_user_errors():
 
     with pytest.raises(ReciPruneError, match="--ppl-samples"):
         validate_options(PerplexityOptions, {"ppl_samples": -1})
+
+
+def test_the_pipeline_option_picks_the_calibration_pipeline_and_bad_names_fail_early(
+    tiny_model_dir, text_files, tmp_path, capsys, monkeypatch
+):
+    import reciprune.pipelines.oneshot as oneshot
+
+    args = ["oneshot", "--recipe", str(REPO / "recipes" / "quickstart" / "magnitude_50.yaml"),
+            "--model", str(tiny_model_dir), "--no-eval-ppl", "--no-progress"]  # fmt: skip
+    monkeypatch.setattr(oneshot, "load_model", lambda *a, **k: pytest.fail("weights loaded"))
+    assert main([*args, "--output-dir", str(tmp_path / "a"), "--pipeline", "nope"]) == 2
+    assert "unknown calibration pipeline 'nope'" in capsys.readouterr().err
+    monkeypatch.undo()
+    for name in ("data_free", "layerwise"):
+        out = tmp_path / name
+        assert main([*args, "--output-dir", str(out), "--pipeline", name, "--dataset",
+                     str(text_files[0]), "--num-calibration-samples", "2",
+                     "--max-seq-length", "16"]) == 0  # fmt: skip
+        manifest = json.loads((out / "reciprune_manifest.json").read_text())
+        assert manifest["options"]["calibration"]["pipeline"] == name
+    a = (tmp_path / "data_free" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "layerwise" / "model.safetensors").read_bytes()
