@@ -117,9 +117,11 @@ def test_dsnot_guard_never_leaves_a_module_worse_than_its_initial_mask(tiny_llam
     """Layer 0 sees the same inputs in both runs, so its recorded errors compare directly."""
     wanda_only, refined = tiny_llama(seed=seed), tiny_llama(seed=seed)
     batches = _batches(wanda_only.config.vocab_size)
-    base = run_oneshot(wanda_only, [WandaModifier(sparsity=0.6)], batches, progress=False)
+    base = run_oneshot(wanda_only, [WandaModifier(sparsity=0.6)], batches, progress=False,
+                       exact_error=True)  # fmt: skip
     dsnot = DSnoTModifier(sparsity=0.6, update_threshold=0.0, skip_layers=[])
-    both = run_oneshot(refined, [WandaModifier(sparsity=0.6), dsnot], batches, progress=False)
+    both = run_oneshot(refined, [WandaModifier(sparsity=0.6), dsnot], batches, progress=False,
+                       exact_error=True)  # fmt: skip
     layer0 = [n for n in base.records if n.startswith("model.layers.0.self_attn")]
     for name in layer0:
         assert (both.records[name]["reconstruction_error"]
@@ -130,6 +132,7 @@ def test_dsnot_guard_never_leaves_a_module_worse_than_its_initial_mask(tiny_llam
         [WandaModifier(sparsity=0.6), dsnot.model_copy(update={"keep_if_better": False})],
         batches,
         progress=False,
+        exact_error=True,
     )
     assert any(
         unguarded.records[n]["reconstruction_error"] > base.records[n]["reconstruction_error"]

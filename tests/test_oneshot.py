@@ -181,12 +181,41 @@ def test_recorded_reconstruction_error_equals_direct_output_error(tiny_llama):
             dense(**batch)
     for handle in handles:
         handle.remove()
-    result = run_oneshot(model, [WandaModifier(sparsity=0.5)], batches, progress=False)
+    estimated = run_oneshot(tiny_llama(seed=5), [WandaModifier(sparsity=0.5)], batches,
+                            progress=False)  # fmt: skip
+    result = run_oneshot(model, [WandaModifier(sparsity=0.5)], batches, progress=False,
+                         exact_error=True)  # fmt: skip
     for name, module in layer0.items():
         X = torch.cat([x.reshape(-1, x.shape[-1]) for x in inputs[name]]).double()
         W = module.weight.detach().double()
         pruned = dict(model.named_modules())[f"model.layers.0.{name}"].weight.detach().double()
         direct = ((X @ W.T - X @ pruned.T) ** 2).sum() / ((X @ W.T) ** 2).sum()
-        recorded = result.records[f"model.layers.0.{name}"]["reconstruction_error"]
-        assert recorded == pytest.approx(float(direct), rel=1e-4), name
-        assert 0 < recorded < 1
+        record = result.records[f"model.layers.0.{name}"]
+        assert record["reconstruction_error"] == pytest.approx(float(direct), rel=1e-4), name
+        assert 0 < record["reconstruction_error"] < 1 and record["reconstruction_error_kind"] == "exact"
+        # Without exact_error Wanda keeps only column norms: the diagonal of XᵀX, Σ ΔW² ‖X_j‖².
+        norms = (X**2).sum(0)
+        diagonal = (((W - pruned) ** 2) * norms).sum() / ((W**2) * norms).sum()
+        cheap = estimated.records[f"model.layers.0.{name}"]
+        assert cheap["reconstruction_error"] == pytest.approx(float(diagonal), rel=1e-4), name
+        assert cheap["reconstruction_error_kind"] == "diagonal"
+
+
+def test_wanda_accumulates_no_full_xtx_unless_exact_errors_are_asked_for(tiny_llama, monkeypatch):
+    from reciprune.core.statistics import InputStatistics
+
+    sizes: list[tuple[int, ...]] = []
+    real = InputStatistics.clear
+
+    def watch(self):
+        sizes.extend(tuple(g.xtx.shape) for g in self._groups if g.xtx is not None)
+        real(self)
+
+    monkeypatch.setattr(InputStatistics, "clear", watch)
+    model = tiny_llama()
+    batches = _batches(model.config.vocab_size, samples=2, length=12)
+    run_oneshot(model, [WandaModifier(sparsity=0.5)], batches, progress=False)
+    assert sizes == []
+    run_oneshot(tiny_llama(), [WandaModifier(sparsity=0.5)], batches, progress=False,
+                exact_error=True)  # fmt: skip
+    assert sizes and all(len(s) == 2 for s in sizes)

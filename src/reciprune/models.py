@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -282,7 +283,7 @@ def load_model(
     source = resolve_model(spec)
     where = _loadable(source)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
+        tokenizer = _tokenizer(where, trust_remote_code)
         with warnings.catch_warnings():
             # Passing dequantize=True over the checkpoint's own quantization_config is the point.
             warnings.filterwarnings("ignore", message="You passed `quantization_config`")
@@ -292,11 +293,72 @@ def load_model(
             )
     except (OSError, ValueError, KeyError) as exc:
         raise (_load_error(source, exc) if _is_local(source) else _hub_error(source, exc)) from exc
+    model.eval()
+    return model, tokenizer, source
+
+
+def _tokenizer(where: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Right-padded batches need some pad id; it is always masked out by attention_mask.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-    model.eval()
-    return model, tokenizer, source
+    return tokenizer
+
+
+def load_model_skeleton(
+    spec: str | None, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource, Any]:
+    """The model with only the modules around its decoder layers loaded (embeddings, norms,
+    head; the layers' weights stay on the meta device), its tokenizer, source, and a
+    `ShardReader` over its safetensors to read each layer when it is needed."""
+    from accelerate import init_empty_weights
+
+    from reciprune.core.layers import find_decoder_layers
+    from reciprune.core.placement import set_tensor
+    from reciprune.core.shards import ShardReader
+
+    source = resolve_model(spec)
+    if not _is_local(source):
+        raise ModelLoadError(
+            f"--pipeline streaming reads the checkpoint's files from disk, and {source.spec!r} is "
+            "not a local folder. Download it first (huggingface-cli download), then pass the folder."
+        )
+    where = _loadable(source)
+    reader = ShardReader(where)
+    try:
+        tokenizer = _tokenizer(where, trust_remote_code)
+        config = AutoConfig.from_pretrained(where, trust_remote_code=trust_remote_code)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=trust_remote_code
+            )
+    except (OSError, ValueError, KeyError) as exc:
+        raise _load_error(source, exc) from exc
+    _check_stored_names(model, reader, source)
+    layers_name, _ = find_decoder_layers(model)
+    for name in reader.names:
+        if not name.startswith(layers_name + "."):
+            tensor = reader.get(name)
+            set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    model.tie_weights()
+    return model.eval(), tokenizer, source, reader
+
+
+def _check_stored_names(model: PreTrainedModel, reader: Any, source: ModelSource) -> None:
+    """Streaming reads tensors by the model's own names: the checkpoint must store exactly those
+    (an output head tied to the embeddings may be absent)."""
+    expected = set(model.state_dict())
+    stored = set(reader.names)
+    head = model.get_output_embeddings()
+    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if head is not None
+            and p is head.weight and n not in stored and getattr(model.config, "tie_word_embeddings", False)}  # fmt: skip
+    if stored != expected - tied:
+        odd = sorted(stored ^ (expected - tied))[:3]
+        raise ModelLoadError(
+            f"{source.spec}: the checkpoint's tensor names differ from the model's ({odd}; "
+            "transformers converts this architecture's weights while loading), so its layers "
+            "cannot be streamed from disk. Use --pipeline sequential or layerwise."
+        )
 
 
 def _dequantized(where: str) -> dict:

@@ -16,17 +16,21 @@ from reciprune.core.targets import weight_matrix
 class ReconstructionProbe:
     """Records the relative output error of every module a layer's modifiers changed.
 
-    The error comes from the layer's input XᵀX, ‖(W − W')X‖² = tr(ΔW XᵀX ΔWᵀ), so no extra
-    forward pass is needed. The session calls `prepare` at LAYER_START (the full XᵀX is then
-    accumulated for every tracked module), `snapshot` before the modifiers compress, and
-    `measure` after them.
+    With the layer's input XᵀX (SparseGPT and GPTQ accumulate it anyway; `exact` asks for it
+    for every module) the error is exact, ‖(W − W')X‖² = tr(ΔW XᵀX ΔWᵀ), with no extra
+    forward pass. Otherwise it comes from the column norms the method collects (Wanda), the
+    diagonal of XᵀX: Σ_ij ΔW_ij² ‖X_j‖² / Σ_ij W_ij² ‖X_j‖², which ignores the correlation
+    between input channels; `reconstruction_error_kind` says which. The session calls
+    `prepare` at LAYER_START, `snapshot` before the modifiers compress and `measure` after.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, exact: bool = False) -> None:
+        self.exact = exact
         self._before: dict[nn.Module, torch.Tensor] = {}
 
     def prepare(self, statistics: InputStatistics) -> None:
-        statistics.require_hessians()
+        if self.exact:
+            statistics.require_hessians()
 
     def snapshot(self, modules: list[nn.Module]) -> None:
         self._before = {m: weight_matrix(m).detach().clone() for m in modules}
@@ -42,8 +46,14 @@ class ReconstructionProbe:
             delta = before.float() - weight_matrix(module).float()
             if not bool(delta.any()):
                 continue
-            xtx = statistics.hessian(module)
-            error, reference = output_error(delta, xtx), output_error(before, xtx)
             name = f"{event.layer_name}.{names[module]}" if event.layer_name else names[module]
+            if statistics.has_hessian(module):
+                xtx, kind = statistics.hessian(module), "exact"
+                error, reference = output_error(delta, xtx), output_error(before, xtx)
+            else:
+                norms, kind = statistics.sq_norm(module), "diagonal"
+                error = float((delta.square() * norms).sum())
+                reference = float((before.float().square() * norms).sum())
             records[name]["reconstruction_error"] = error / max(reference, 1e-30)
+            records[name]["reconstruction_error_kind"] = kind
         self._before = {}

@@ -140,6 +140,10 @@ class InputStatistics:
                 "or the calibration forward never reached it"
             ) from None
 
+    def has_hessian(self, module: nn.Module) -> bool:
+        """Whether the full XᵀX of `module`'s input was accumulated."""
+        return self._group(module).xtx is not None
+
     def hessian(self, module: nn.Module) -> torch.Tensor:
         """H = 2/n Σ xᵀx over the n calibration sequences (SparseGPT's scaling), fp32."""
         group = self._group(module)

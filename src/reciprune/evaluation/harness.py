@@ -351,20 +351,29 @@ def _read_mt_bench_questions(
 
 
 def _model_for_eval(
-    model: str | os.PathLike[str] | nn.Module | None, tokenizer: Any, trust_remote_code: bool
+    model: str | os.PathLike[str] | nn.Module | None,
+    tokenizer: Any,
+    trust_remote_code: bool,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> tuple[nn.Module, Any, str, str | None]:
-    """(model, tokenizer, spec, fingerprint): `model` loaded unless it already is a module."""
+    """(model, tokenizer, spec, fingerprint): `model` loaded (in `dtype`, onto `device`) unless
+    it already is a module, which is used where it is."""
     if isinstance(model, nn.Module):
         if tokenizer is None:
             raise ReciPruneError("evaluate_model: pass the tokenizer with an already loaded model.")
         spec = getattr(model.config, "_name_or_path", None) or type(model).__name__
         return model, tokenizer, spec, None
-    from reciprune.models import load_model
+    from reciprune.core.devices import resolve_device, resolve_dtype
+    from reciprune.models import load_config, load_model
 
+    spec = None if model is None else str(model)
+    where = resolve_device(device)
     module, loaded_tokenizer, source = load_model(
-        None if model is None else str(model), trust_remote_code=trust_remote_code
-    )
-    return module, tokenizer or loaded_tokenizer, source.spec, source.fingerprint
+        spec, trust_remote_code=trust_remote_code,
+        dtype=resolve_dtype(dtype, where, load_config(spec) if dtype == "auto" else None),
+    )  # fmt: skip
+    return module.to(where), tokenizer or loaded_tokenizer, source.spec, source.fingerprint
 
 
 def _perplexity_record(
@@ -491,6 +500,8 @@ def evaluate_model(
     model_id: str | None = None,
     trust_remote_code: bool = False,
     progress: bool = True,
+    device: str = "auto",
+    dtype: str = "auto",
 ) -> dict[str, Any]:
     """Evaluate a model on tasks, perplexity and MT-Bench questions; return a JSON-ready report.
 
@@ -507,14 +518,18 @@ def evaluate_model(
     Returns `{"model": …, "model_fingerprint": …, "settings": {…}, "results": {task: record}}`;
     a record holds metric values (`acc`, `acc_norm`, `exact_match`, `answer_nll`, `ppl`, … with
     `<metric>_stderr` where known) and `num_samples`, `num_fewshot`, `limit`, `source`, `seconds`.
-    Errors in task names or a missing lm-eval are raised before any weights load.
+    `device`, `dtype`: where a loaded model runs and its weights' dtype (`reciprune.core.
+    devices`; auto: the first GPU in the checkpoint's dtype, else the CPU in float32).
+    Errors in task names, devices or a missing lm-eval are raised before any weights load.
     """
     plan = _plan(
         tasks, limit=limit, num_fewshot=num_fewshot, batch_size=batch_size,
         max_new_tokens=max_new_tokens, apply_chat_template=apply_chat_template, seed=seed,
         ppl=ppl, mt_bench_questions=mt_bench_questions,
     )  # fmt: skip
-    model, tokenizer, spec, fingerprint = _model_for_eval(model, tokenizer, trust_remote_code)
+    model, tokenizer, spec, fingerprint = _model_for_eval(
+        model, tokenizer, trust_remote_code, device, dtype
+    )
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, Any]] = {}

@@ -9,14 +9,24 @@ the windows are disjoint, which is how SparseGPT/Wanda report WikiText perplexit
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from reciprune.core.layer_io import (
+    LayerStep,
+    capture_layer_inputs,
+    layer_output,
+    layers_replaced,
+    to_device,
+)
+from reciprune.core.layers import find_decoder_layers
 from reciprune.data.calibration import separator_ids, token_stream
 from reciprune.errors import DataError
 
@@ -76,8 +86,13 @@ def perplexity(
     max_samples: int | None = 16,
     batch_size: int = 4,
     progress: bool = True,
+    placement: Any = None,
 ) -> PerplexityResult:
-    """Perplexity of `model` on `texts` over at most `max_samples` windows (None: all)."""
+    """Perplexity of `model` on `texts` over at most `max_samples` windows (None: all).
+
+    With a `placement` (`reciprune.core.placement`) the model is run one decoder layer at a
+    time on the placement's device, as the calibration pipelines run it, so a model larger than
+    the device (or than memory, streamed) is measured without ever being there whole."""
     stride = max_seq_length if stride is None else stride
     if not 0 < stride <= max_seq_length:
         raise ValueError(f"stride must be in 1..max_seq_length ({max_seq_length}), got {stride}")
@@ -93,41 +108,86 @@ def perplexity(
         )
     tokens = torch.tensor(stream, dtype=torch.long)
     spans = window_spans(len(tokens), max_seq_length, stride, max_samples)
-    device = next(model.parameters()).device
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    batches = [
+        _window_batch(tokens, spans[first : first + batch_size], pad_id)
+        for first in range(0, len(spans), batch_size)
+    ]
     was_training = model.training
     model.eval()
-    total_nll = 0.0
-    total_tokens = 0
     try:
         bar = tqdm(total=len(spans), desc="perplexity", unit="window", disable=not progress)
-        for first in range(0, len(spans), batch_size):
-            batch = spans[first : first + batch_size]
-            width = max(end - begin for begin, end, _ in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            labels = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for row, (begin, end, target_length) in enumerate(batch):
-                length = end - begin
-                input_ids[row, :length] = tokens[begin:end]
-                attention_mask[row, :length] = 1
-                # Only the tokens the previous window did not score are targets here.
-                labels[row, length - target_length : length] = tokens[end - target_length : end]
-            logits = model(
-                input_ids=input_ids.to(device),
-                attention_mask=attention_mask.to(device),
-                use_cache=False,
-            ).logits
-            # Token t is predicted by the logits at t-1; the first token of a window has no target.
-            shifted = logits[:, :-1].float().flatten(0, 1)
-            targets = labels[:, 1:].flatten().to(device)
-            total_nll += F.cross_entropy(
-                shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum"
-            ).item()
-            total_tokens += int((targets != IGNORE_INDEX).sum())
-            bar.update(len(batch))
+        if placement is None:
+            logits = _whole_model_logits(model, batches)
+        else:
+            logits = layer_by_layer_logits(model, batches, placement)
+        total_nll, total_tokens = 0.0, 0
+        for batch, batch_logits in zip(batches, logits, strict=True):
+            nll, count = _nll(batch_logits, batch["labels"])
+            total_nll, total_tokens = total_nll + nll, total_tokens + count
+            bar.update(len(batch["labels"]))
         bar.close()
     finally:
         model.train(was_training)
     nll = total_nll / total_tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=total_tokens)
+
+
+def _window_batch(tokens: torch.Tensor, spans: list[tuple[int, int, int]], pad_id: int) -> dict:
+    width = max(end - begin for begin, end, _ in spans)
+    input_ids = torch.full((len(spans), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(spans), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(spans), width), dtype=torch.long)
+    for row, (begin, end, target_length) in enumerate(spans):
+        length = end - begin
+        input_ids[row, :length] = tokens[begin:end]
+        attention_mask[row, :length] = 1
+        # Only the tokens the previous window did not score are targets here.
+        labels[row, length - target_length : length] = tokens[end - target_length : end]
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def _nll(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
+    """Summed NLL of the label tokens; token t is predicted by the logits at t − 1."""
+    shifted = logits[:, :-1].float().flatten(0, 1)
+    targets = labels[:, 1:].flatten().to(logits.device)
+    nll = F.cross_entropy(shifted, targets, ignore_index=IGNORE_INDEX, reduction="sum").item()
+    return nll, int((targets != IGNORE_INDEX).sum())
+
+
+def _whole_model_logits(model: PreTrainedModel, batches: list[dict]) -> Iterator[torch.Tensor]:
+    device = next(model.parameters()).device
+    for batch in batches:
+        yield model(
+            input_ids=batch["input_ids"].to(device),
+            attention_mask=batch["attention_mask"].to(device),
+            use_cache=False,
+        ).logits
+
+
+def layer_by_layer_logits(model: nn.Module, batches: list[dict], placement: Any) -> Iterator[torch.Tensor]:
+    """The model's logits on `batches`, computed one decoder layer at a time: the first layer's
+    inputs are captured, every layer is fetched, run on all batches and released, and the
+    modules after the layers (final norm, head) run on the last layer's outputs."""
+    layers_name, layers = find_decoder_layers(model)
+    inputs = [{k: v for k, v in b.items() if k != "labels"} for b in batches]
+    with placement.outer_on_device(model):
+        captured = capture_layer_inputs(model, layers[0], inputs, placement.device)
+    tuple_outputs = False
+    for index, layer in enumerate(layers):
+        step = LayerStep(index, f"{layers_name}.{index}", layer)
+        placement.fetch(step)
+        for item in captured:
+            kwargs = {k: to_device(v, placement.device) for k, v in item.kwargs.items()}
+            output = layer(item.hidden.to(placement.device), **kwargs)
+            tuple_outputs = isinstance(output, tuple | list)
+            item.hidden = layer_output(output)
+        placement.release(step, changed=False)
+    with placement.outer_on_device(model):
+        for batch, item in zip(inputs, captured, strict=True):
+            with layers_replaced(model, len(layers), item.hidden, tuple_outputs):
+                yield model(
+                    input_ids=batch["input_ids"].to(placement.device),
+                    attention_mask=batch["attention_mask"].to(placement.device),
+                    use_cache=False,
+                ).logits

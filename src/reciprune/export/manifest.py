@@ -6,7 +6,7 @@ import hashlib
 import importlib.metadata
 import platform
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -148,8 +148,19 @@ def _selected_modules(model: nn.Module, module_names: Iterable[str] | None) -> d
     return selected
 
 
+#: Reads a module's [out, in] weight: from the module itself, or (streamed models, whose layers
+#: are not in memory) from the files written.
+WeightSource = Callable[[str, nn.Module], torch.Tensor]
+
+
+def _own_weight(name: str, module: nn.Module) -> torch.Tensor:
+    return weight_matrix(module)
+
+
 def layer_sparsity_report(
-    model: nn.Module, module_names: Iterable[str] | None = None
+    model: nn.Module,
+    module_names: Iterable[str] | None = None,
+    weights: WeightSource = _own_weight,
 ) -> dict[str, dict]:
     """Per Linear-like module: exact-zero fraction, shape, numel and the N:M pattern that holds.
 
@@ -157,7 +168,7 @@ def layer_sparsity_report(
     """
     report: dict[str, dict] = {}
     for name, module in _selected_modules(model, module_names).items():
-        matrix = weight_matrix(module).detach()
+        matrix = weights(name, module).detach()
         zeros = int((matrix == 0).sum())
         nm = next((f"{n}:{m}" for n, m in NM_PATTERNS if nm_holds(matrix, n, m)), None)
         report[name] = {
@@ -177,6 +188,7 @@ def sparsity_config(
     structure: str,
     ignore: list[str],
     targets: list[str] | None = None,
+    weights: WeightSource = _own_weight,
 ) -> dict:
     """compressed-tensors sparsity metadata (format "dense") for the pruned `module_names`.
 
@@ -187,12 +199,14 @@ def sparsity_config(
     """
     from compressed_tensors.config import CompressionFormat, SparsityCompressionConfig
 
-    modules = _selected_modules(model, module_names)
-    zeros = sum(int((weight_matrix(m) == 0).sum()) for m in modules.values())
-    numel = sum(weight_matrix(m).numel() for m in modules.values())
+    selected = _selected_modules(model, module_names)
+    zeros = numel = 0
+    for name, module in selected.items():  # one weight at a time: streamed weights are on disk
+        matrix = weights(name, module)
+        zeros, numel = zeros + int((matrix == 0).sum()), numel + matrix.numel()
     config = SparsityCompressionConfig.load_from_registry(
         CompressionFormat.dense.value,
-        targets=list(modules) if targets is None else list(targets),
+        targets=list(selected) if targets is None else list(targets),
         ignore=list(ignore),
         global_sparsity=zeros / numel if numel else 0.0,
         sparsity_structure=structure,
@@ -206,7 +220,9 @@ def output_head_names(model: nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if module is head}
 
 
-def describe_sparsity(model: nn.Module, modifiers: Iterable[Any]) -> dict | None:
+def describe_sparsity(
+    model: nn.Module, modifiers: Iterable[Any], weights: WeightSource = _own_weight
+) -> dict | None:
     """The sparsity metadata of what the modifiers that produce sparsity pruned, or None.
 
     One builder for every job: the modules are those the modifiers target, the structure the
@@ -219,18 +235,19 @@ def describe_sparsity(model: nn.Module, modifiers: Iterable[Any]) -> dict | None
         return None
     names = sorted({name for m in pruners for name in m.targeted_modules()})
     declared = [m.mask_pattern for m in pruners if m.mask_pattern is not None]
-    structure = declared[-1] if declared else _measured_structure(model, names)
+    structure = declared[-1] if declared else _measured_structure(model, names, weights)
     return sparsity_config(
         model,
         names,
         structure=structure,
         targets=sorted({t for m in pruners for t in m.targets}),
         ignore=sorted({i for m in pruners for i in m.ignore} | output_head_names(model)),
+        weights=weights,
     )
 
 
-def _measured_structure(model: nn.Module, names: list[str]) -> str:
+def _measured_structure(model: nn.Module, names: list[str], weights: WeightSource) -> str:
     """The N:M pattern every pruned module holds, else "unstructured"."""
-    report = layer_sparsity_report(model, names)
+    report = layer_sparsity_report(model, names, weights)
     patterns = {info["nm"] for info in report.values() if info["sparsity"] > 0}
     return next(iter(patterns)) if len(patterns) == 1 and None not in patterns else "unstructured"

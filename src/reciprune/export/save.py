@@ -64,6 +64,12 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
         )
 
 
+def staging_folder(output_dir: Path) -> Path:
+    """A new hidden sibling folder of `output_dir` that `save_checkpoint` renames into place."""
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+
+
 def save_checkpoint(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase | None,
@@ -75,20 +81,21 @@ def save_checkpoint(
     save_format: str = "auto",
     overwrite: bool = False,
     extra_files: dict[str, bytes] | None = None,
+    staging: Path | None = None,
 ) -> Path:
     """Save model, tokenizer, recipe.yaml and the manifest to `output_dir`; returns the folder.
 
     `contents` (what the modifiers produced: sparsity metadata, quantized modules) decides the
     weight format with `save_format` (`reciprune.export.formats`); the manifest gets the
     format and the bytes of the weight files under `checkpoint`. `extra_files` (name → bytes,
-    e.g. a loss-curve PNG) are written beside them.
+    e.g. a loss-curve PNG) are written beside them. `staging` is a folder from
+    `staging_folder(output_dir)` that already holds what was written earlier (streamed weights).
     """
     output_dir = Path(output_dir).expanduser().absolute()
     check_output_dir(output_dir, overwrite)
     contents = contents or CheckpointContents()
     writer = choose_format(contents, save_format)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    tmp = staging if staging is not None else staging_folder(output_dir)
     old: Path | None = None
     try:
         manifest = {**manifest, "checkpoint": writer.write(model, tmp, contents)}

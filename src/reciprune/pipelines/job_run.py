@@ -32,8 +32,11 @@ class JobRun:
     def timed(self, key: str, since: float) -> None:
         self.timings[key] = time.perf_counter() - since
 
-    def measure_ppl(self, model: nn.Module, tokenizer: Any, key: str, timing: str) -> None:
-        """metrics[key] = perplexity on the held-out text (nothing when it is not measured)."""
+    def measure_ppl(
+        self, model: nn.Module, tokenizer: Any, key: str, timing: str, placement: Any = None
+    ) -> None:
+        """metrics[key] = perplexity on the held-out text (nothing when it is not measured);
+        with a `placement`, layer by layer (`evaluation.perplexity`)."""
         if self.eval_texts is None:
             return
         t0 = time.perf_counter()
@@ -45,5 +48,6 @@ class JobRun:
             max_seq_length=options.ppl_seq_length,
             max_samples=options.ppl_samples,
             progress=self.job.output.progress,
+            placement=placement,
         ).ppl
         self.timed(timing, t0)

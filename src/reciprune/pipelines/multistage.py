@@ -103,17 +103,21 @@ def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
     """Run each stage; yields (stage name, output folder) as each finishes (or is skipped)."""
     from reciprune.pipelines.finetune_job import run_finetune_job
     from reciprune.pipelines.launch import run_under_torchrun
-    from reciprune.pipelines.oneshot import run_oneshot_job
+    from reciprune.pipelines.oneshot import check_oneshot_stage, run_oneshot_job
 
     output_dir = Path(job.output.output_dir).expanduser().absolute()
     job = job.with_output(output_dir=output_dir)
     _check_output(job)
     source = resolve_model(job.model.model)  # a bad --model fails here, before any stage starts
     started = time.perf_counter()
-    # Teacher references and training arguments are checked before the first stage starts.
+    # Teacher references, training arguments, devices and pipelines are checked before the
+    # first stage starts (or anything is written).
     trainings = {
         s.name: _training_for(job, s) for s in job.recipe.stages if s.run_type == "finetune"
     }
+    for stage in job.recipe.stages:
+        if stage.run_type == "oneshot":
+            check_oneshot_stage(stage, job.calibration.over(stage.calibration))
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / RECIPE_COPY).write_text(job.recipe.to_yaml(), encoding="utf-8")
     model = job.model.model

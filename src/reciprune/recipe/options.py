@@ -15,10 +15,11 @@ Field metadata (`json_schema_extra`):
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from reciprune.errors import ReciPruneError
 
@@ -71,7 +72,30 @@ class ModelOptions(Options):
     )
 
 
-class CalibrationOptions(Options):
+class ComputeOptions(Options):
+    """Where the model computes and in which dtype."""
+
+    device: str = option(
+        "auto",
+        "Where to compute: auto (the first CUDA device when there is one, else the CPU), cpu, "
+        "cuda or cuda:N.",
+        metavar="DEVICE",
+    )
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
+        "auto",
+        "Dtype of the model's weights: auto (the checkpoint's own dtype on a GPU, float32 on the "
+        "CPU). Statistics and solves run in float32 whatever it is.",
+    )
+
+    @field_validator("device")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value.strip().lower()):
+            raise ValueError("use auto, cpu, cuda or cuda:N")
+        return value.strip().lower()
+
+
+class CalibrationOptions(ComputeOptions):
     """Calibration data of a oneshot stage (recipe: a oneshot stage's `calibration:`)."""
 
     dataset: str = option(
@@ -89,10 +113,21 @@ class CalibrationOptions(Options):
         8, "Sequences per calibration forward: memory vs speed.", gt=0, metavar="N"
     )
     seed: int = option(42, "Seed for data sampling.", metavar="N")
+    exact_layer_error: bool = option(
+        False,
+        "Make the per-layer report's reconstruction error exact for every module: a full XᵀX "
+        "per module even for methods that need only column norms (Wanda, DSnoT), which costs "
+        "their speed and memory. Without it the error is exact where the method has XᵀX "
+        "(SparseGPT, GPTQ) and a diagonal estimate elsewhere.",
+    )
     pipeline: str = option(
         "auto",
-        "How a oneshot stage walks the model: layerwise (in memory), data_free (modifiers that "
-        "read only weights), or auto (data_free when no modifier needs data, else layerwise).",
+        "How a oneshot stage walks the model: layerwise (the whole model on the device), "
+        "sequential (weights in CPU memory, one decoder layer at a time on the device), "
+        "streaming (layers read from the checkpoint's safetensors and written to the output "
+        "one at a time: models larger than memory), data_free (modifiers that read only "
+        "weights), or auto (data_free when no modifier needs data; else sequential on a GPU, "
+        "streaming when the weights would not fit in memory, layerwise otherwise).",
         metavar="NAME",
     )
 
@@ -151,7 +186,7 @@ class LaunchOptions(Options):
     )
 
 
-class EvalOptions(Options):
+class EvalOptions(ComputeOptions):
     """`reciprune eval`: what to measure on a saved model."""
 
     ppl: str | None = option(

@@ -10,8 +10,11 @@ from reciprune.errors import ReciPruneError
 from reciprune.export.formats.base import CheckpointContents, CheckpointFormat
 from reciprune.export.formats.dense import SPARSITY_CONFIG_KEY, DenseFormat
 from reciprune.export.formats.quantized import QuantizedFormat
+from reciprune.export.formats.streamed import StreamedDenseFormat
 
-FORMATS: dict[str, type[CheckpointFormat]] = {cls.name: cls for cls in (QuantizedFormat, DenseFormat)}
+FORMATS: dict[str, type[CheckpointFormat]] = {
+    cls.name: cls for cls in (QuantizedFormat, StreamedDenseFormat, DenseFormat)
+}
 __all__ = ["FORMATS", "SPARSITY_CONFIG_KEY", "CheckpointContents", "CheckpointFormat", "choose_format"]
 
 

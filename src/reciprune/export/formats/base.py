@@ -18,6 +18,8 @@ class CheckpointContents:
 
     sparsity: dict[str, Any] | None = None
     quantized: bool = False
+    #: The weights were written into the output folder layer by layer already (streaming).
+    streamed: bool = False
 
 
 class CheckpointFormat(ABC):

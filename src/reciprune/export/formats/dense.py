@@ -33,7 +33,7 @@ class DenseFormat(CheckpointFormat):
 
     @classmethod
     def applies(cls, contents: CheckpointContents) -> bool:
-        return not contents.quantized
+        return not contents.quantized and not contents.streamed
 
     def write(self, model: PreTrainedModel, folder: Path, contents: CheckpointContents) -> dict:
         model.save_pretrained(folder)

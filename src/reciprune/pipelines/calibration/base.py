@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from reciprune.core.layer_io import LayerStep
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.reconstruction import ReconstructionProbe
 from reciprune.core.session import LifecycleSession
@@ -35,23 +36,28 @@ class OneshotResult:
     timings: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
-class LayerStep:
-    """One decoder layer as events carry it (`vars(step)` are the event's layer fields)."""
-
-    layer_index: int
-    layer_name: str
-    layer: nn.Module
-
-
 class CalibrationPipeline(ABC):
     """Runs a oneshot stage's modifiers over a model; subclasses walk the layers."""
 
     name: ClassVar[str]
+    #: Where it keeps layers: "memory" (where the model is), "onload" (CPU memory, moved to the
+    #: device one at a time) or "stream" (read from and written to safetensors files).
+    placement_kind: ClassVar[str]
 
-    def __init__(self, *, progress: bool = True, description: str = "oneshot") -> None:
+    def __init__(
+        self,
+        *,
+        progress: bool = True,
+        description: str = "oneshot",
+        placement: Any = None,
+        exact_error: bool = False,
+    ) -> None:
         self.progress = progress
         self.description = description
+        #: Accumulate a full XᵀX for every module so the report's errors are exact.
+        self.exact_error = exact_error
+        #: Where layers live and run (`placement.InMemory` for the model's device when None).
+        self.placement = placement
         self.timings: dict[str, float] = {}
 
     @classmethod
@@ -65,7 +71,12 @@ class CalibrationPipeline(ABC):
         """Apply `modifiers` to `model` (in place) over the calibration `batches`."""
         started = time.perf_counter()
         self.timings = {}
-        session = LifecycleSession(model, modifiers, run_type="oneshot", probe=ReconstructionProbe())
+        if self.placement is None:
+            from reciprune.core.placement import InMemory
+
+            self.placement = InMemory(model)
+        probe = ReconstructionProbe(exact=self.exact_error)
+        session = LifecycleSession(model, modifiers, run_type="oneshot", probe=probe)
         session.initialize()
         was_training = model.training
         model.eval()

@@ -14,6 +14,7 @@ class DataFreePipeline(CalibrationPipeline):
     """Every layer gets LAYER_START and LAYER_CALIBRATED with no forward pass in between."""
 
     name = "data_free"
+    placement_kind = "memory"
 
     @classmethod
     def supports(cls, modifiers: list[Modifier]) -> bool:
@@ -23,8 +24,10 @@ class DataFreePipeline(CalibrationPipeline):
         session.event(EventType.CALIBRATION_START)
         self.timings["compress"] = 0.0
         for step in self.layer_steps(session.model):
+            self.placement.fetch(step)
             t0 = time.perf_counter()
             session.event(EventType.LAYER_START, **vars(step))
             session.event(EventType.LAYER_CALIBRATED, **vars(step))
             self.timed("compress", t0)
+            self.placement.release(step, changed=True)
         session.event(EventType.CALIBRATION_END)
