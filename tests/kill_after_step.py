@@ -14,7 +14,7 @@ class KillAfterStep(FinetuneCallback):
     def __init__(self, step: int) -> None:
         self.step = step
 
-    def on_step_end(self, trainer, step: int, record: dict[str, float]) -> None:
+    def on_step_end(self, trainer, step: int) -> None:
         if step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
 

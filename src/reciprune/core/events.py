@@ -55,4 +55,4 @@ class Event:
     layer: nn.Module | None = None
     loss: torch.Tensor | None = None
     batch: Any = None
-    metrics: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)  # floats or 0-d tensors

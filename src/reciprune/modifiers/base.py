@@ -47,6 +47,9 @@ class Modifier(BaseModel):
     #: Whether `on_prepare` adds trainable parameters inside the decoder layers (adapters,
     #: deltas): what ISTModifier schedules layer by layer.
     adds_layer_parameters: ClassVar[bool] = False
+    #: Whether `on_prepare` freezes every weight the model came with (only what the modifier
+    #: adds trains): a `self` teacher may then share the student's weights instead of a copy.
+    freezes_base: ClassVar[bool] = False
     #: The paper the modifier implements, for reference pages.
     paper: ClassVar[str] = ""
     #: Values the reference page's recipe snippet sets beside the defaults, for fields that have

@@ -261,8 +261,9 @@ class OutputDistillationModifier(Modifier):
         terms = [compare(student[n], teacher[n], mask, **kwargs) for n in self._student]
         distill = torch.stack(terms).mean().to(task.device)
         event.loss = self.orig_scale * task + self._scale * distill
-        event.metrics["task_loss"] = float(task.detach())
-        event.metrics["distill_loss"] = float(distill.detach())
+        # Tensors, read off the device once per logged step by the trainer (no sync here).
+        event.metrics["task_loss"] = task.detach()
+        event.metrics["distill_loss"] = distill.detach()
 
     # target resolution -----------------------------------------------------------------------
     def _resolve_student(self, model: nn.Module) -> list[str]:

@@ -73,6 +73,7 @@ class LoRAModifier(Modifier):
     )
     #: Adds trainable parameters inside the decoder layers (what ISTModifier schedules).
     adds_layer_parameters: ClassVar[bool] = True
+    freezes_base: ClassVar[bool] = True
 
     @field_validator("targets", mode="before")
     @classmethod

@@ -120,6 +120,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
     run_types: ClassVar[tuple[str, ...]] = ("finetune",)
     #: Adds per-layer trainable parameters (ISTModifier can schedule them).
     adds_layer_parameters: ClassVar[bool] = True
+    freezes_base: ClassVar[bool] = True
     example_fields: ClassVar[dict[str, Any]] = {"finetuning_rank": 16}
     paper: ClassVar[str] = (
         "Li & Bhaskara, 'An Efficient Sparse Fine-Tuning with Low Quantization Error via Neural "

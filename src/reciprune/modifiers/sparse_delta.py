@@ -109,6 +109,7 @@ class SparseDeltaModifier(TargetedModifier):
     run_types: ClassVar[tuple[str, ...]] = ("finetune",)
     #: Adds per-layer trainable parameters (ISTModifier can schedule them).
     adds_layer_parameters: ClassVar[bool] = True
+    freezes_base: ClassVar[bool] = True
     example_fields: ClassVar[dict[str, Any]] = {"density": 0.01}
     paper: ClassVar[str] = (
         "Ansell, Vulić, Sterz, Korhonen & Ponti, 'Scaling Sparse Fine-Tuning to Large Language "

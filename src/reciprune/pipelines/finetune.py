@@ -15,7 +15,6 @@ gradients are averaged over processes, so the update equals the single-process o
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -160,19 +159,18 @@ def total_steps(config: TrainingConfig, plan: BatchPlan) -> int:
     return max(1, math.ceil(config.num_train_epochs * plan.steps_per_epoch))
 
 
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Mean next-token cross-entropy over label tokens (labels != -100), and their count."""
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean next-token cross-entropy over label tokens (labels != -100), and their count (a
+    tensor: reading it would wait for the device). No label token: a zero loss."""
     shift_labels = labels[:, 1:]
-    count = int((shift_labels != -100).sum())
-    if count == 0:
-        return logits.sum() * 0.0, 0
+    count = (shift_labels != -100).sum()
     loss = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         shift_labels.reshape(-1),
         ignore_index=-100,
         reduction="sum",
     )
-    return loss / count, count
+    return loss / count.clamp_min(1), count
 
 
 # --- checkpoints ------------------------------------------------------------------------------
@@ -273,6 +271,17 @@ def load_training_checkpoint(
     return trainer_state
 
 
+def adamw(params: list[nn.Parameter], config: TrainingConfig, device: torch.device) -> Any:
+    """AdamW; on CUDA the fused kernel (one launch for all parameters)."""
+    kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
+    if device.type == "cuda":
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, TypeError):  # parameters the fused kernel does not take
+            pass
+    return torch.optim.AdamW(params, **kwargs)
+
+
 # --- callbacks --------------------------------------------------------------------------------
 class FinetuneCallback:
     """Watches a finetune run without changing it (benchmarks, tests); every method is a no-op
@@ -284,8 +293,12 @@ class FinetuneCallback:
     def on_train_begin(self, trainer: Trainer) -> None:
         """The optimizer exists; the first step is next."""
 
-    def on_step_end(self, trainer: Trainer, step: int, record: dict[str, float]) -> None:
+    def on_step_end(self, trainer: Trainer, step: int) -> None:
         """Optimizer step `step` (0-based) finished (checkpoint written if one was due)."""
+
+    def on_log(self, trainer: Trainer, records: list[dict[str, float]]) -> None:
+        """The metrics of the steps since the last log, read off the device (every
+        `logging_steps` steps, the first step, and before evaluations and checkpoints)."""
 
     def on_train_end(self, trainer: Trainer, result: TrainResult) -> None:
         """After the last step and the final held-out loss."""
@@ -342,9 +355,7 @@ class Trainer:
                 "the model has no trainable parameter: nothing to fine-tune. Check the recipe's "
                 "modifiers (one that freezes the base must add trainable parameters)."
             )
-        self.optimizer = torch.optim.AdamW(
-            params, lr=self.config.learning_rate, weight_decay=self.config.weight_decay
-        )
+        self.optimizer = adamw(params, self.config, self.device)
         self.session.start_training(self.optimizer)
         from transformers import get_scheduler
 
@@ -361,7 +372,7 @@ class Trainer:
             else None
         )
 
-    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    def _forward_loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         with self._autocast or nullcontext():
             out = self.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
         return causal_lm_loss(out.logits, batch["labels"])
@@ -381,13 +392,43 @@ class Trainer:
             for start in range(0, len(mine), self.plan.per_device):
                 batch = self._batch(mine[start : start + self.plan.per_device], self.eval_data)
                 loss, count = self._forward_loss(batch)
-                totals += torch.tensor([loss.item() * count, count], dtype=torch.float64,
-                                       device=self.device)
+                totals += torch.stack([loss.double() * count, count.double()])
         self.model.train()
         totals = D.all_reduce_sum(totals)
-        return float(totals[0] / max(totals[1], 1))
+        return float(totals[0] / totals[1].clamp_min(1))
 
     def train(self, resume_from: Path | None = None) -> TrainResult:
+        """Run every optimizer step (from a checkpoint's when resuming); returns the history."""
+        result, start_step = self._begin(resume_from)
+        started = self._flushed_at = time.perf_counter()
+        for step in range(start_step, self.total_steps):
+            self.session.advance_to(step)
+            self._pending.append(self._step(step))
+            done = step + 1
+            evaluate = bool(self.config.eval_steps) and done % self.config.eval_steps == 0
+            save = self.checkpoint_dir is not None and bool(self.config.save_steps) and (
+                done % self.config.save_steps == 0
+            )
+            if done == start_step + 1 or done % self.config.logging_steps == 0 or (
+                evaluate or save or done == self.total_steps
+            ):  # the first step alone: its warm-up is not averaged into the others
+                self._flush(result)
+            if evaluate and done < self.total_steps:
+                result.evals.append({"step": done, "eval_loss": self.evaluate()})
+            if save and done < self.total_steps:
+                self._save_checkpoint(result, done)
+            for callback in _CALLBACKS:
+                callback.on_step_end(self, step)
+        if self._bar is not None:
+            self._bar.close()
+        self.session.advance_to(self.total_steps)
+        result.evals.append({"step": self.total_steps, "eval_loss": self.evaluate()})
+        result.seconds = time.perf_counter() - started
+        for callback in _CALLBACKS:
+            callback.on_train_end(self, result)
+        return result
+
+    def _begin(self, resume_from: Path | None) -> tuple[TrainResult, int]:
         result = TrainResult(steps=self.total_steps)
         start_step = 0
         if resume_from is not None:
@@ -398,79 +439,93 @@ class Trainer:
             result.history = list(state["history"])[:start_step]
             result.evals = list(state.get("evals", []))
             result.tokens = int(state.get("tokens", 0))
-        bar = None
+        self._pending: list[dict[str, Any]] = []
+        self._bar = None
         if self.progress and D.is_main_process():
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=self.total_steps, initial=start_step, desc="finetune", unit="step")
+            self._bar = tqdm(total=self.total_steps, initial=start_step, desc="finetune",
+                             unit="step")  # fmt: skip
         if resume_from is None and self.eval_data is not None:
             # The held-out loss before any update: the curve's starting point.
             result.evals.append({"step": 0, "eval_loss": self.evaluate()})
         self.model.train()
         for callback in _CALLBACKS:
             callback.on_train_begin(self)
-        started = time.perf_counter()
-        for step in range(start_step, self.total_steps):
-            self.session.advance_to(step)
-            t0 = time.perf_counter()
-            record = self._step(step)
-            record["seconds"] = time.perf_counter() - t0
+        return result, start_step
+
+    def _save_checkpoint(self, result: TrainResult, done: int) -> None:
+        save_training_checkpoint(
+            self.checkpoint_dir / f"step-{done:07d}",
+            self.model,
+            self.optimizer,
+            self.scheduler,
+            self.session,
+            {
+                "step": done,
+                "world_size": D.world_size(),
+                "history": result.history,
+                "evals": result.evals,
+                "tokens": result.tokens,
+                **self.trainer_state_extra,
+            },
+        )
+
+    def _flush(self, result: TrainResult) -> None:
+        """Read the pending steps' metrics off the device (one synchronisation, one reduction
+        over the processes) into the history; their wall time is shared out evenly."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return
+        keys = sorted({k for p in pending for k in p["sums"]})
+        zero = torch.zeros((), device=self.device)
+        table = torch.stack([
+            torch.stack([p["sums"].get(k, zero).float() for k in keys] + [
+                torch.as_tensor(float(p["tokens"]), device=self.device),
+                p["grad_norm"] if p["grad_norm"] is not None else zero.float() - 1,
+            ]) for p in pending
+        ])  # fmt: skip
+        table[:, : len(keys)] /= self.plan.accumulation
+        if D.is_distributed():
+            tokens = D.all_reduce_sum(table[:, len(keys)].clone())
+            table = D.all_reduce_mean(table.double()).float()
+            table[:, len(keys)] = tokens
+        rows = table.tolist()
+        now = time.perf_counter()
+        seconds, self._flushed_at = (now - self._flushed_at) / len(pending), now
+        for p, row in zip(pending, rows, strict=True):
+            record = {"step": p["step"], "lr": p["lr"], **dict(zip(keys, row, strict=False))}
+            record["tokens"], record["seconds"] = row[len(keys)], seconds
+            if row[len(keys) + 1] >= 0:
+                record["grad_norm"] = row[len(keys) + 1]
             result.history.append(record)
             result.tokens += int(record["tokens"])
-            done = step + 1
-            if self.config.eval_steps and done % self.config.eval_steps == 0 and done < self.total_steps:
-                result.evals.append({"step": done, "eval_loss": self.evaluate()})
-            if self.checkpoint_dir is not None and self.config.save_steps and (
-                done % self.config.save_steps == 0 and done < self.total_steps
-            ):
-                save_training_checkpoint(
-                    self.checkpoint_dir / f"step-{done:07d}",
-                    self.model,
-                    self.optimizer,
-                    self.scheduler,
-                    self.session,
-                    {
-                        "step": done,
-                        "world_size": D.world_size(),
-                        "history": result.history,
-                        "evals": result.evals,
-                        "tokens": result.tokens,
-                        **self.trainer_state_extra,
-                    },
-                )
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(
-                    loss=f"{record['loss']:.4f}",
-                    lr=f"{record['lr']:.2e}",
-                    tok_s=f"{record['tokens'] / max(record['seconds'], 1e-9):.0f}",
-                )
-            for callback in _CALLBACKS:
-                callback.on_step_end(self, step, record)
-        if bar is not None:
-            bar.close()
-        self.session.advance_to(self.total_steps)
-        result.evals.append({"step": self.total_steps, "eval_loss": self.evaluate()})
-        result.seconds = time.perf_counter() - started
         for callback in _CALLBACKS:
-            callback.on_train_end(self, result)
-        return result
+            callback.on_log(self, result.history[-len(rows):])
+        if self._bar is not None:
+            last = result.history[-1]
+            self._bar.update(len(rows))
+            self._bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}",
+                                  tok_s=f"{last['tokens'] / max(seconds, 1e-9):.0f}")  # fmt: skip
 
-    def _step(self, step: int) -> dict[str, float]:
+    def _step(self, step: int) -> dict[str, Any]:
+        """One optimizer step; its metrics stay on the device (read by `_flush`)."""
         session, plan = self.session, self.plan
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         tokens = 0
         for a in range(plan.accumulation):
-            batch = self._batch(plan.micro_batch(step, a, D.rank()), self.train_data)
-            tokens += int(batch["attention_mask"].sum())
-            session.event(EventType.BATCH_START, batch=batch)
+            cpu_batch = self.train_data.collate(plan.micro_batch(step, a, D.rank()))
+            tokens += int(cpu_batch["attention_mask"].sum())  # counted on the CPU: no sync
+            batch = {k: v.to(self.device, non_blocking=True) for k, v in cpu_batch.items()}
+            with self._autocast or nullcontext():  # a teacher runs here, as the student does
+                session.event(EventType.BATCH_START, batch=batch)
             task_loss, _ = self._forward_loss(batch)
             event = session.event(EventType.LOSS_COMPUTED, loss=task_loss, batch=batch)
             (event.loss / plan.accumulation).backward()
-            parts = {"loss": float(event.loss.detach()), "task_loss": float(task_loss.detach())}
-            parts.update(event.metrics)
+            parts = {"loss": event.loss, "task_loss": task_loss, **event.metrics}
             for key, value in parts.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                value = torch.as_tensor(value, device=self.device).detach().float()
+                sums[key] = sums[key] + value if key in sums else value
             session.event(EventType.BATCH_END, batch=batch)
         session.event(EventType.OPTIMIZER_PRE_STEP)
         grad_norm = None
@@ -480,29 +535,39 @@ class Trainer:
                 self.config.max_grad_norm,
             )
             full = getattr(norm, "full_tensor", None)
-            grad_norm = float(full() if callable(full) else norm)
+            grad_norm = (full() if callable(full) else norm).detach().float()
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         session.event(EventType.OPTIMIZER_POST_STEP)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        keys = sorted(sums)
-        means = D.all_reduce_mean(
-            torch.tensor([sums[k] / plan.accumulation for k in keys], dtype=torch.float64)
-        )
-        record = {"step": step + 1, "lr": lr, **dict(zip(keys, means.tolist(), strict=True))}
-        record["tokens"] = float(D.all_reduce_sum(torch.tensor(tokens)).item())
-        if grad_norm is not None:
-            record["grad_norm"] = grad_norm
-        return record
+        return {"step": step + 1, "lr": lr, "sums": sums, "tokens": tokens, "grad_norm": grad_norm}
 
 
-def frozen_copy(model: nn.Module) -> nn.Module:
-    """A frozen, eval-mode deep copy (the `--distill-teacher self` teacher)."""
-    teacher = copy.deepcopy(model).eval()
-    for param in teacher.parameters():
+def frozen_copy(model: nn.Module, dtype: torch.dtype, *, share: bool = False) -> nn.Module:
+    """A frozen, eval-mode model of `model`'s architecture with its current weights (the
+    `--distill-teacher self` teacher): copies made directly in `dtype` (the compute dtype:
+    bfloat16 on a GPU; never a float32 copy first), or with `share` the very same tensors
+    (when the student's own weights never train, e.g. under adapters)."""
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):
+        teacher = type(model)(model.config)
+    state = {
+        name: tensor if share else tensor.detach().to(
+            dtype if tensor.is_floating_point() else tensor.dtype, copy=True)
+        for name, tensor in model.state_dict().items()
+    }  # fmt: skip
+    teacher.load_state_dict(state, assign=True, strict=True)
+    teacher.tie_weights()
+    return freeze(teacher)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """`model` in eval mode with no parameter requiring a gradient."""
+    for param in model.parameters():
         param.requires_grad_(False)
-    return teacher
+    return model.eval()
 
 
 def finetune_stage_session(

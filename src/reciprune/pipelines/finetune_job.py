@@ -179,10 +179,12 @@ def _load_models(run: _FinetuneRun) -> tuple[nn.Module, Any, nn.Module | None]:
         run.source.spec, trust_remote_code=trust, dequantize=True
     )
     teacher = None
-    if run.teacher_source is not None:
+    if run.teacher_source is not None:  # frozen, in the compute dtype: no float32 copy
         teacher, _, run.teacher_source = load_model(
-            run.teacher_source.spec, trust_remote_code=trust
-        )
+            run.teacher_source.spec, trust_remote_code=trust,
+            dtype=F.resolve_precision(run.config.precision, run.device),
+        )  # fmt: skip
+        F.freeze(teacher)
     if D.is_main_process():
         D.barrier()
     run.timings["load_model"] = time.perf_counter() - t0
@@ -233,13 +235,16 @@ def _prepare(
 ) -> tuple[LifecycleSession, dict | None]:
     """The stage's session with its collaborators, `on_prepare` run, the 4-bit base quantized
     and the models sharded; returns the session and the 4-bit base's description."""
-    if run.needs_teacher and run.config.distill_teacher == "self":
-        teacher = F.frozen_copy(model)
-    elif teacher is not None:
-        teacher = F.frozen_copy(teacher)
     if run.config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     model.to(run.device)
+    shared = False
+    if run.needs_teacher and run.config.distill_teacher == "self":
+        # The student's own weights never train under adapters: the teacher can share them.
+        shared = not D.is_distributed() and run.base_backend is None and any(
+            m.freezes_base for m in run.job.stage.modifiers)  # fmt: skip
+        compute_dtype = F.resolve_precision(run.config.precision, run.device)
+        teacher = F.frozen_copy(model, compute_dtype, share=shared)
     if teacher is not None:
         teacher.to(run.device)
     sample_batches = [
@@ -259,7 +264,10 @@ def _prepare(
     session = F.finetune_stage_session(model, run.job.stage, teacher, context, total)
     for callback in F.callbacks():
         callback.on_prepare()
+    base_params = list(model.parameters())
     session.prepare()
+    if shared and any(p.requires_grad for p in base_params):
+        raise RuntimeError("a modifier declared freezes_base but left a base weight trainable")
     base_quantization = None
     if run.base_backend is not None:
         from reciprune.core.nf4_base import quantize_base
@@ -285,6 +293,10 @@ def _training_metrics(run: _FinetuneRun, result: F.TrainResult) -> None:
         run.metrics["eval_loss_before"] = evals[0]["eval_loss"]
     seconds = sum(h["seconds"] for h in history)
     run.metrics["tokens_per_second"] = result.tokens / max(seconds, 1e-9)
+    if len(history) > 1:  # without the first step's warm-up (allocation, kernel choice)
+        steady = history[1:]
+        run.metrics["tokens_per_second_steady"] = sum(h["tokens"] for h in steady) / max(
+            sum(h["seconds"] for h in steady), 1e-9)  # fmt: skip
     run.metrics.update(peak_memory_per_process(run.device))
 
 

@@ -77,6 +77,12 @@ class TrainingConfig(Options):
     eval_steps: int = Field(
         0, ge=0, description="Measure the held-out loss every this many steps (0 = at the end)."
     )
+    logging_steps: int = Field(
+        10,
+        gt=0,
+        description="Read the loss and metrics off the device every this many steps (one "
+        "synchronisation each; the loss curve still has every step).",
+    )
     distill_teacher: str | None = Field(
         None,
         description="Teacher for distillation modifiers: a model path, 'self' (a frozen copy of "
