@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from reciprune.algorithms.gptq import gptq_quantize
+from reciprune.algorithms.block_graph import BlockGraph
+from reciprune.algorithms.gptq import gptq_quantize, gptq_quantize_stacked
 from reciprune.algorithms.masks import nm_keep_mask, satisfies_nm
 
 
@@ -312,3 +313,88 @@ def test_grid_comes_from_the_values_it_rounds():
     gptq_quantize(W, H, Recording(symmetric=False), blocksize=24, group_size=16, actorder=True)
     assert len(seen["pairs"]) == 128 // 16
     assert all(any(torch.equal(col, w[:, 0]) for col in group.T) for group, w in seen["pairs"])
+
+
+# Modules that read one input (q/k/v, gate/up) share H and are solved as one stack of rows.
+STACKS = [
+    # blocksize, group_size, quantizer, actorder, n:m keep masks, dtype
+    (32, None, "sym", False, False, torch.float64),
+    (32, 16, "asym", False, False, torch.float32),
+    (24, 16, "asym", False, True, torch.float32),  # groups straddle block ends
+    (32, 32, "sym", True, False, torch.float64),
+    (24, 16, "asym", True, True, torch.float32),  # grids fixed mid-block, some blocks only there
+    (20, None, "asym", True, True, torch.float32),
+]
+
+
+@pytest.mark.parametrize("blocksize,group_size,kind,actorder,masked,dtype", STACKS)
+def test_stacked_solve_equals_one_solve_per_matrix(blocksize, group_size, kind, actorder, masked, dtype):
+    _, H = make_layer(4, 128, seed=blocksize + (group_size or 0), spread=0.5 * actorder, dtype=dtype)
+    g = torch.Generator().manual_seed(7)
+    Ws = [torch.randn(rows, 128, generator=g, dtype=dtype) for rows in (24, 8, 8)]
+    keeps = [nm_keep_mask(W.abs(), 2, 4) for W in Ws] if masked else None
+    settings = dict(blocksize=blocksize, group_size=group_size, actorder=actorder)
+    stacked = gptq_quantize_stacked(Ws, H, QUANTIZERS[kind], keep_masks=keeps, **settings)
+    for k, (W, (Q, params)) in enumerate(zip(Ws, stacked, strict=True)):
+        keep = None if keeps is None else keeps[k]
+        alone, alone_params = gptq_quantize(W, H, QUANTIZERS[kind], keep_mask=keep, **settings)
+        # Same operations on the same shapes row segment by row segment: bit for bit.
+        assert torch.equal(Q, alone)
+        assert torch.equal(params.scale, alone_params.scale)
+        assert torch.equal(params.zero_point, alone_params.zero_point)
+        assert torch.equal(params.perm, alone_params.perm) and params.loss == alone_params.loss
+
+
+def test_stacking_needs_one_grid_per_row():
+    W, H = make_layer(16, 64, seed=100)
+    # A per-tensor grid spans all rows of a matrix: stacking would share it between matrices.
+    with pytest.raises(ValueError, match="one grid per row"):
+        gptq_quantize_stacked([W[:8], W[8:]], H, QUANTIZERS["tensor"])
+    gptq_quantize(W, H, QUANTIZERS["tensor"])  # alone it is fine
+    with pytest.raises(ValueError, match="one input size and dtype"):
+        gptq_quantize_stacked([W, W.float()], H, QUANTIZERS["sym"])
+    with pytest.raises(ValueError, match="2 keep masks for 1 matrices"):
+        gptq_quantize_stacked([W], H, QUANTIZERS["sym"], keep_masks=[W != 0, W != 0])
+
+
+@pytest.mark.parametrize("group_size,actorder", [(32, False), (None, False), (16, True)])
+def test_block_step_is_fit_for_a_cuda_graph(group_size, actorder, monkeypatch):
+    # cuda_graph=True on CPU runs the graph discipline without a graph: static input buffers
+    # reused across blocks, outputs rewritten by each "replay" (the step run again on them).
+    # With actorder, blocks whose grids are fixed past their first column run eagerly.
+    recorded = []
+    record = BlockGraph._record
+    monkeypatch.setattr(BlockGraph, "_record", lambda self, static: recorded.append(1) or record(self, static))
+    W, H = make_layer(32, 256, seed=110, spread=0.5, dtype=torch.float32)
+    keeps = [nm_keep_mask(W[:24].abs(), 2, 4), nm_keep_mask(W[24:].abs(), 2, 4)]
+    settings = dict(blocksize=32, group_size=group_size, actorder=actorder, keep_masks=keeps)
+    plain = gptq_quantize_stacked([W[:24], W[24:]], H, QUANTIZERS["asym"], **settings)
+    graphed = gptq_quantize_stacked([W[:24], W[24:]], H, QUANTIZERS["asym"], cuda_graph=True, **settings)
+    assert recorded == [1]
+    for (a, params_a), (b, params_b) in zip(plain, graphed, strict=True):
+        assert torch.equal(a, b) and torch.equal(params_a.scale, params_b.scale)
+        assert params_a.loss == params_b.loss
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("group_size,actorder", [(64, False), (64, True)])
+def test_cuda_graph_equals_eager_on_cuda(group_size, actorder):
+    from compressed_tensors.quantization import QuantizationArgs
+
+    from reciprune.algorithms.observers import ObserverColumnQuantizer
+
+    args = QuantizationArgs(num_bits=4, symmetric=True, strategy="group", group_size=group_size)
+    quantizer = ObserverColumnQuantizer(args, "minmax", torch.float32)
+    W, H = make_layer(96, 512, seed=120, spread=0.5, dtype=torch.float32)
+    Ws, H = [W[:64].cuda(), W[64:].cuda()], H.cuda()
+    keeps = [nm_keep_mask(Wk.abs(), 2, 4) for Wk in Ws]
+    settings = dict(blocksize=64, group_size=group_size, actorder=actorder, keep_masks=keeps)
+    eager = gptq_quantize_stacked(Ws, H, quantizer, cuda_graph=False, **settings)
+    graphed = gptq_quantize_stacked(Ws, H, quantizer, cuda_graph=True, **settings)
+    for (a, params_a), (b, params_b) in zip(eager, graphed, strict=True):
+        assert torch.equal(a, b) and torch.equal(params_a.scale, params_b.scale)
+    for k, (Q, _) in enumerate(eager):
+        alone, _ = gptq_quantize(Ws[k], H, quantizer, cuda_graph=False, keep_mask=keeps[k],
+                                 blocksize=64, group_size=group_size, actorder=actorder)
+        assert torch.equal(Q, alone)

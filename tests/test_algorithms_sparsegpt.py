@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from reciprune.algorithms import magnitude_prune, satisfies_nm, sparsegpt_prune
+from reciprune.algorithms.block_graph import BlockGraph
+from reciprune.algorithms.sparsegpt import sparsegpt_prune_stacked
 
 
 def make_layer(rows: int, columns: int, seed: int, dead: int = 3):
@@ -125,3 +127,77 @@ def test_rejects_bad_structure():
     W, _, H = make_layer(8, 32, seed=5)
     with pytest.raises(ValueError, match="blocksize"):
         sparsegpt_prune(W, H, 0.5, n=2, m=4, blocksize=6)
+
+
+# Modules that read one input (q/k/v, gate/up) share H and are solved as one stack of rows.
+STACKS = [
+    # row counts, sparsities, n, m, blocksize, columns
+    ((24, 8, 8), (0.5, 0.3, 0.7), 0, 0, 32, 128),
+    ((16, 16), (0.5, 0.5), 0, 0, 40, 96),  # last block narrower
+    ((24, 8, 8), (0.5, 0.5, 0.5), 2, 4, 32, 128),
+    ((20, 12), (0.5, 0.5), 4, 8, 16, 64),
+]
+
+
+@pytest.mark.parametrize("rows,sparsities,n,m,blocksize,columns", STACKS)
+def test_stacked_solve_equals_one_solve_per_matrix(rows, sparsities, n, m, blocksize, columns):
+    g = torch.Generator().manual_seed(sum(rows) + columns + m)
+    _, _, H = make_layer(4, columns, seed=columns + m)  # with dead inputs
+    Ws = [torch.randn(r, columns, generator=g) for r in rows]
+    stacked = sparsegpt_prune_stacked(Ws, H, sparsities, n=n, m=m, blocksize=blocksize)
+    for W, sparsity, (pruned, keep) in zip(Ws, sparsities, stacked, strict=True):
+        alone, alone_keep = sparsegpt_prune(W, H, sparsity, n=n, m=m, blocksize=blocksize)
+        # Same operations on the same shapes row segment by row segment: bit for bit.
+        assert torch.equal(keep, alone_keep) and torch.equal(pruned, alone)
+    if not m:
+        # Each matrix keeps its own threshold: its own share pruned in every block.
+        for (_, keep), sparsity in zip(stacked, sparsities, strict=True):
+            block = keep[:, :blocksize]
+            assert (~block).sum().item() == int(block.numel() * sparsity)
+
+
+def test_stacked_solve_returns_each_matrix_in_its_dtype():
+    _, _, H = make_layer(4, 32, seed=11)
+    Ws = [torch.randn(8, 32).bfloat16(), torch.randn(4, 32)]
+    stacked = sparsegpt_prune_stacked(Ws, H, [0.5, 0.5], n=2, m=4, blocksize=16)
+    assert [W.dtype for W, _ in stacked] == [torch.bfloat16, torch.float32]
+    assert [tuple(W.shape) for W, _ in stacked] == [(8, 32), (4, 32)]
+
+
+def test_stacked_solve_rejects_different_input_sizes():
+    _, _, H = make_layer(4, 32, seed=12)
+    with pytest.raises(ValueError, match="same input size"):
+        sparsegpt_prune_stacked([torch.randn(4, 32), torch.randn(4, 16)], H, [0.5, 0.5])
+    with pytest.raises(ValueError, match="one sparsity per matrix"):
+        sparsegpt_prune_stacked([torch.randn(4, 32)], H, [0.5, 0.5])
+
+
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_block_step_is_fit_for_a_cuda_graph(n, m, monkeypatch):
+    # cuda_graph=True on CPU runs the graph discipline without a graph: static input buffers
+    # reused across blocks, outputs rewritten by each "replay" (the step run again on them).
+    recorded = []
+    record = BlockGraph._record
+    monkeypatch.setattr(BlockGraph, "_record", lambda self, static: recorded.append(1) or record(self, static))
+    W, _, H = make_layer(24, 160, seed=13)
+    plain = sparsegpt_prune_stacked([W[:16], W[16:]], H, [0.5, 0.6], n=n, m=m, blocksize=32)
+    graphed = sparsegpt_prune_stacked(
+        [W[:16], W[16:]], H, [0.5, 0.6], n=n, m=m, blocksize=32, cuda_graph=True
+    )
+    assert recorded == [1]  # warm-up on block 1, recorded at block 2, replayed for 2 … 5
+    for (a, keep_a), (b, keep_b) in zip(plain, graphed, strict=True):
+        assert torch.equal(keep_a, keep_b) and torch.equal(a, b)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4)])
+def test_cuda_graph_equals_eager_on_cuda(n, m):
+    W, _, H = make_layer(96, 512, seed=14)
+    Ws = [W[:64].cuda(), W[64:].cuda()]
+    eager = sparsegpt_prune_stacked(Ws, H.cuda(), [0.5, 0.6], n=n, m=m, blocksize=64, cuda_graph=False)
+    graphed = sparsegpt_prune_stacked(Ws, H.cuda(), [0.5, 0.6], n=n, m=m, blocksize=64, cuda_graph=True)
+    separate = [sparsegpt_prune(Wk, H.cuda(), s, n=n, m=m, blocksize=64) for Wk, s in zip(Ws, [0.5, 0.6], strict=True)]
+    for (a, keep_a), (b, keep_b), (c, keep_c) in zip(eager, graphed, separate, strict=True):
+        assert torch.equal(keep_a, keep_b) and torch.equal(a, b)  # same kernels, replayed
+        assert torch.equal(keep_a, keep_c) and torch.equal(a, c)  # same shapes per segment

@@ -219,3 +219,47 @@ def test_wanda_accumulates_no_full_xtx_unless_exact_errors_are_asked_for(tiny_ll
     run_oneshot(tiny_llama(), [WandaModifier(sparsity=0.5)], batches, progress=False,
                 exact_error=True)  # fmt: skip
     assert sizes and all(len(s) == 2 for s in sizes)
+
+
+def _per_module_sparsegpt(self, session, layer_index, modules):
+    """Reference for the stacked solves: one `sparsegpt_prune` per module on its Hessian."""
+    masks = {}
+    n, m = self.structure_for(layer_index)
+    for name, module in modules.items():
+        W, masks[name] = sparsegpt_prune(
+            weight_matrix(module), session.statistics.hessian(module), self.sparsity_for(layer_index, name),
+            n=n, m=m, blocksize=self.block_size, percdamp=self.dampening_frac,
+        )
+        module.weight.data.copy_(W)
+    return masks
+
+
+@pytest.mark.parametrize("structure,sparsity", [
+    ("unstructured", {"re:.*k_proj": 0.3, "re:.*up_proj": 0.6, "default": 0.5}),  # per module
+    ("2:4", 0.5),
+])
+def test_sparsegpt_solves_modules_sharing_an_input_together_with_the_per_module_weights(
+    structure, sparsity, tiny_llama, monkeypatch
+):
+    import reciprune.modifiers.sparsegpt as sparsegpt_modifier
+
+    batches = _batches(320, samples=8, length=24)
+    reference, model = tiny_llama(seed=6), tiny_llama(seed=6)
+    with monkeypatch.context() as patch:
+        patch.setattr(SparseGPTModifier, "prune_layer", _per_module_sparsegpt)
+        expected = run_oneshot(
+            reference, [SparseGPTModifier(sparsity=sparsity, mask_structure=structure, block_size=16)],
+            batches, progress=False,
+        )
+    solves = []
+    stacked = sparsegpt_modifier.sparsegpt_prune_stacked
+    monkeypatch.setattr(sparsegpt_modifier, "sparsegpt_prune_stacked",
+                        lambda Ws, *a, **k: solves.append(len(Ws)) or stacked(Ws, *a, **k))
+    result = run_oneshot(
+        model, [SparseGPTModifier(sparsity=sparsity, mask_structure=structure, block_size=16)],
+        batches, progress=False,
+    )
+    assert solves == [3, 1, 2, 1] * 2  # q/k/v, o, gate/up, down in each layer
+    for (name, a), (_, b) in zip(_decoder_linears(reference).items(), _decoder_linears(model).items(), strict=True):
+        assert torch.equal(a.weight, b.weight), name
+        assert result.records[name] == expected.records[name], name

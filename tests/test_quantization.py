@@ -341,6 +341,74 @@ def test_gptq_after_sparsegpt_keeps_the_2of4_zeros(tiny_llama):
             assert record["mask_structure"] == "2:4" and record["quantization_algorithm"] == "gptq"
 
 
+def _per_module_gptq(self, session, modules):
+    """Reference for the stacked solves: one `gptq_quantize` per module on its Hessian."""
+    from reciprune.algorithms.gptq import gptq_quantize
+    from reciprune.algorithms.observers import ObserverColumnQuantizer
+    from reciprune.core.quantization_schemes import enum_value
+
+    solved = {}
+    for name, module in modules.items():
+        args = self._stored[self._assigned[name][0]].weights
+        W = module.weight.detach().clone()
+        Q, params = gptq_quantize(
+            W, session.statistics.hessian(module), ObserverColumnQuantizer(args, self.observer, W.dtype),
+            blocksize=self.block_size, percdamp=self.dampening_frac, actorder=self.actorder,
+            group_size=args.group_size if enum_value(args.strategy) == "group" else None,
+            keep_mask=W != 0,
+        )
+        solved[name] = (Q, params.scale, params.zero_point)
+    return solved
+
+
+_INT8_CHANNEL = {"num_bits": 8, "type": "int", "strategy": "channel"}
+_INT8_TENSOR = {"num_bits": 8, "type": "int", "strategy": "tensor"}
+STACKED_GPTQ = {
+    # modifiers before the quantization, its settings, solves per layer (rows stacked together)
+    "g16-actorder-after-2of4": (
+        lambda: [SparseGPTModifier(mask_structure="2:4")],
+        {"config_groups": _group(16), "actorder": True, "observer": "mse", "block_size": 24},
+        [3, 1, 2, 1],  # q/k/v, o, gate/up, down
+    ),
+    "q-in-its-own-group": (
+        list,
+        {"config_groups": {"q": {"targets": ["re:.*q_proj$"], "weights": _INT8_CHANNEL},
+                           **_group(16, targets=["Linear"])}},
+        [1, 2, 1, 2, 1],  # q and k/v share an input but not a scheme
+    ),
+    "per-tensor-grids": (list, {"config_groups": {"t": {"weights": _INT8_TENSOR}}}, [1] * 7),
+}
+
+
+def _quantized(case: str, tiny_llama) -> tuple[dict[str, torch.Tensor], dict]:
+    before, settings, _ = STACKED_GPTQ[case]
+    model = tiny_llama(seed=8)
+    modifiers = [*before(), QuantizationModifier(algorithm="gptq", **settings)]
+    result = run_oneshot(model, modifiers, _batches(), progress=False)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}, result.records
+
+
+@pytest.mark.parametrize("case", list(STACKED_GPTQ))
+def test_gptq_solves_modules_sharing_an_input_and_a_scheme_together_with_per_module_results(
+    case, tiny_llama, monkeypatch
+):
+    import reciprune.algorithms.gptq as gptq_algorithm
+
+    with monkeypatch.context() as patch:
+        patch.setattr(QuantizationModifier, "_gptq", _per_module_gptq)
+        expected, expected_records = _quantized(case, tiny_llama)
+    solves = []
+    solve = gptq_algorithm.gptq_quantize_stacked
+    monkeypatch.setattr(gptq_algorithm, "gptq_quantize_stacked",
+                        lambda Ws, *a, **k: solves.append(len(Ws)) or solve(Ws, *a, **k))
+    weights, records = _quantized(case, tiny_llama)
+    assert sorted(solves) == sorted(STACKED_GPTQ[case][2] * 2)
+    assert weights.keys() == expected.keys()
+    for name, value in expected.items():
+        assert torch.equal(value, weights[name]), name  # weights, scales and zero points
+    assert records == expected_records
+
+
 # end to end: CLI, compressed-tensors export, reload with transformers ----------------------------
 def _model_dir(tmp_path, tiny_llama, tiny_tokenizer, **config) -> Path:
     folder = tmp_path / "model"

@@ -20,7 +20,7 @@ from reciprune.algorithms.masks import (
 )
 from reciprune.algorithms.owl import outlier_ratio, owl_layer_nm, owl_layer_sparsities
 from reciprune.algorithms.reconstruction import output_error
-from reciprune.algorithms.sparsegpt import sparsegpt_prune
+from reciprune.algorithms.sparsegpt import sparsegpt_prune, sparsegpt_prune_stacked
 from reciprune.algorithms.wanda import wanda_prune, wanda_scores
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "row_keep_mask",
     "satisfies_nm",
     "sparsegpt_prune",
+    "sparsegpt_prune_stacked",
     "square_head_loss",
     "tensor_keep_mask",
     "wanda_prune",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
+from itertools import accumulate
 from typing import Protocol
 
 import torch
 from torch import Tensor
 
+from reciprune.algorithms.block_graph import BlockGraph
 from reciprune.algorithms.hessian import dampened_inverse_cholesky, zero_dead_inputs
 
 
@@ -61,6 +65,7 @@ def gptq_quantize(
     actorder: bool = False,
     group_size: int | None = None,
     keep_mask: Tensor | None = None,
+    cuda_graph: bool | None = None,
 ) -> tuple[Tensor, GPTQParams]:
     """Quantize `W` [out, in] with GPTQ; return (quantized-dequantized W in W's dtype, params).
 
@@ -104,30 +109,87 @@ def gptq_quantize(
     the inverse of H over each row's kept inputs) and leaves a larger error, at times above
     round-to-nearest's.
 
-    Computes in float32, or float64 when W is float64.
+    Computes in float32, or float64 when W is float64. `cuda_graph`: replay each block's
+    column loop as one CUDA graph (None: when W is on CUDA); the same kernels, launched once
+    per block instead of a dozen per column. Blocks where a group's grid is fixed after the
+    block's first column (actorder) run eagerly.
     """
-    rows, columns = W.shape
+    [(Q, params)] = gptq_quantize_stacked(
+        [W],
+        H,
+        quantizer,
+        keep_masks=None if keep_mask is None else [keep_mask],
+        blocksize=blocksize,
+        percdamp=percdamp,
+        actorder=actorder,
+        group_size=group_size,
+        cuda_graph=cuda_graph,
+    )
+    return Q, params
+
+
+def gptq_quantize_stacked(
+    Ws: Sequence[Tensor],
+    H: Tensor,
+    quantizer: ColumnQuantizer,
+    *,
+    keep_masks: Sequence[Tensor] | None = None,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+    actorder: bool = False,
+    group_size: int | None = None,
+    cuda_graph: bool | None = None,
+) -> list[tuple[Tensor, GPTQParams]]:
+    """GPTQ on several matrices W_k [out_k, in] of one dtype that read the same input (one
+    Hessian H), as one solve; returns (Q_k, params_k) for each, as `gptq_quantize` would.
+
+    Given Hinv, GPTQ acts on the rows independently: the visiting order (actorder sorts by
+    diag H), the groups (input columns) and Hinv are the same for every row; a row's grid is
+    found from that row alone; q = Q(w) ⊙ m, err = (w − q) / [Hinv]_ii and
+    W[r, i+1:] −= err_r · Hinv[i, i+1:] are row by row. So the rows of W = [W_1; …; W_K]
+    (q/k/v, gate/up) are solved with one dampened inverse Cholesky and one pass over the
+    columns. The quantizer must give one grid per row (channel or group strategy): a
+    per-tensor grid couples all rows of a matrix and is refused with several matrices.
+
+    The grids (`find_params`), the lazy update W[:, i2:] −= Err @ Hinv[i1:i2, i2:] and the
+    loss are computed per matrix (segment of rows), the same operations on the same shapes as
+    K separate solves, so the result equals them exactly; the column loop runs once.
+    """
+    if not Ws:
+        raise ValueError("GPTQ: no matrix to quantize")
+    columns = Ws[0].shape[1]
     if blocksize < 1:
         raise ValueError(f"GPTQ: blocksize must be at least 1, got {blocksize}")
+    if any(W.shape[1] != columns or W.dtype != Ws[0].dtype for W in Ws):
+        raise ValueError(
+            "GPTQ: matrices solved together share one Hessian and need one input size and "
+            f"dtype, got {[(tuple(W.shape), W.dtype) for W in Ws]}"
+        )
     if group_size is not None and (group_size < 1 or columns % group_size):
         raise ValueError(
             f"GPTQ: group_size {group_size} does not divide the {columns} input columns; "
             "use a group size that divides the input dimension"
         )
-    if keep_mask is not None and keep_mask.shape != W.shape:
-        raise ValueError(
-            f"GPTQ: keep_mask has shape {tuple(keep_mask.shape)}, the weight {tuple(W.shape)}"
-        )
+    if keep_masks is not None:
+        if len(keep_masks) != len(Ws):
+            raise ValueError(f"GPTQ: {len(keep_masks)} keep masks for {len(Ws)} matrices")
+        for mask, W in zip(keep_masks, Ws, strict=True):
+            if mask.shape != W.shape:
+                raise ValueError(
+                    f"GPTQ: keep_mask has shape {tuple(mask.shape)}, the weight {tuple(W.shape)}"
+                )
 
-    dtype = W.dtype
+    dtype = Ws[0].dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    W = W.detach().to(work, copy=True)
+    W = torch.cat([W.detach().to(work) for W in Ws])
     H = H.detach().to(W.device, work, copy=True)
-    if keep_mask is None:
+    if keep_masks is None:
         keep = torch.ones_like(W, dtype=torch.bool)
     else:
-        keep = keep_mask.to(W.device, torch.bool)
+        keep = torch.cat([mask.to(W.device, torch.bool) for mask in keep_masks])
         W.masked_fill_(~keep, 0)
+    bounds = [0, *accumulate(W.shape[0] for W in Ws)]
+    segments = list(zip(bounds[:-1], bounds[1:], strict=True))
 
     zero_dead_inputs(W, H)
 
@@ -143,47 +205,113 @@ def gptq_quantize(
     group_size = group_size or columns
     group = (perm // group_size).tolist()  # group of the column at each visit position
     members = invperm.reshape(-1, group_size)  # visit positions of each group's columns
-    scales: list[Tensor | None] = [None] * members.shape[0]
-    zeros: list[Tensor | None] = [None] * members.shape[0]
+    fixed_at = set(members.amin(1).tolist())  # positions where a group's grid is fixed
+    scales: list[Tensor] = [W.new_empty(0)] * members.shape[0]
+    zeros: list[Tensor] = [W.new_empty(0)] * members.shape[0]
+    prune = ~keep
 
+    def fix_grid(W1: Tensor, Err1: Tensor | None, i1: int, i2: int, i: int) -> None:
+        """The grid of the group whose first visited column is i1 + i, from current weights."""
+        g = group[i1 + i]
+        cols = members[g]
+        inside = cols < i2
+        found = []
+        for r1, r2 in segments:
+            # Current weights: W1 inside this block; after it, W still lacks this block's
+            # updates so far (lazy batching), so add them.
+            Wg = W[r1:r2][:, cols]
+            if i:
+                Wg = Wg - Err1[r1:r2, :i] @ Hinv[i1 : i1 + i, cols]
+            Wg[:, inside] = W1[r1:r2][:, cols[inside] - i1]
+            found.append(quantizer.find_params(Wg.masked_fill_(prune[r1:r2][:, cols], 0)))
+            if len(segments) > 1 and found[-1][0].shape[0] != r2 - r1:
+                raise ValueError(
+                    "GPTQ: matrices solved together need a quantizer with one grid per row "
+                    f"(channel or group strategy); find_params gave {tuple(found[-1][0].shape)}"
+                )
+        scales[g], zeros[g] = found[0] if len(found) == 1 else map(torch.cat, zip(*found, strict=True))
+
+    def grids(positions: list[int]) -> tuple[Tensor, Tensor]:
+        """The grid of the column at each visit position, stacked: [len, *grid shape]."""
+        return torch.stack([scales[group[p]] for p in positions]), torch.stack(
+            [zeros[group[p]] for p in positions]
+        )
+
+    block = BlockGraph(
+        partial(_quantize_block, quantizer=quantizer),
+        enabled=W.is_cuda if cuda_graph is None else cuda_graph,
+        required=bool(cuda_graph),
+    )
     Q = torch.zeros_like(W)
-    loss = torch.zeros((), dtype=work, device=W.device)
+    losses = [torch.zeros((), dtype=work, device=W.device) for _ in segments]
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)
         count = i2 - i1
-
         W1 = W[:, i1:i2].clone()
-        Q1 = torch.zeros_like(W1)
-        Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
+        prune1 = prune[:, i1:i2]
+        cuts = [i for i in range(count) if i1 + i in fixed_at]
 
-        for i in range(count):
-            g = group[i1 + i]
-            if scales[g] is None:
-                cols = members[g]
-                # Current weights: W1 inside this block; after it, W still lacks this block's
-                # updates so far (lazy batching), so add them.
-                Wg = W[:, cols] - Err1[:, :i] @ Hinv[i1 : i1 + i, cols]
-                inside = cols < i2
-                Wg[:, inside] = W1[:, cols[inside] - i1]
-                scales[g], zeros[g] = quantizer.find_params(Wg.masked_fill_(~keep[:, cols], 0))
-
-            w = W1[:, i]
-            q = quantizer.quantize(w.unsqueeze(1), scales[g], zeros[g]).reshape(rows).to(work)
-            q.masked_fill_(~keep[:, i1 + i], 0)
-            Q1[:, i] = q
-
-            err1 = torch.div(w - q, Hinv1[i, i], out=Err1[:, i])
-            W1[:, i + 1 :].addr_(err1, Hinv1[i, i + 1 :], alpha=-1)
+        if cuts not in ([], [0]):
+            # Grids fixed after the block's first column need its updates so far: run the
+            # columns between them one range at a time.
+            Q1 = torch.zeros_like(W1)
+            Err1 = torch.zeros_like(W1)
+            starts = sorted({0, *cuts})
+            for a, b in zip(starts, [*starts[1:], count], strict=True):
+                if a in cuts:
+                    fix_grid(W1, Err1, i1, i2, a)
+                S1, Z1 = grids(list(range(i1 + a, i1 + b)))
+                _quantize_columns(W1, Hinv1, prune1, S1, Z1, Q1, Err1, a, quantizer)
+        else:
+            if cuts:
+                fix_grid(W1, None, i1, i2, 0)
+            Q1, Err1 = block(W1, Hinv1, prune1, *grids(list(range(i1, i2))))
 
         Q[:, i1:i2] = Q1
-        loss += Err1.square().sum() / 2
-        W[:, i2:].addmm_(Err1, Hinv[i1:i2, i2:], alpha=-1)
+        for s, (r1, r2) in enumerate(segments):
+            losses[s] += Err1[r1:r2].square().sum() / 2
+            W[r1:r2, i2:].addmm_(Err1[r1:r2], Hinv[i1:i2, i2:], alpha=-1)
 
-    params = GPTQParams(
-        scale=scales[0] if len(scales) == 1 else torch.cat(scales, dim=-1),
-        zero_point=zeros[0] if len(zeros) == 1 else torch.cat(zeros, dim=-1),
-        perm=perm,
-        loss=loss.item(),
-    )
-    return Q[:, invperm].to(dtype), params
+    scale = scales[0] if len(scales) == 1 else torch.cat(scales, dim=-1)
+    zero_point = zeros[0] if len(zeros) == 1 else torch.cat(zeros, dim=-1)
+    Q = Q[:, invperm].to(dtype)
+    if len(segments) == 1:
+        return [(Q, GPTQParams(scale, zero_point, perm, losses[0].item()))]
+    return [
+        (Q[r1:r2], GPTQParams(scale[r1:r2], zero_point[r1:r2], perm, loss.item()))
+        for (r1, r2), loss in zip(segments, losses, strict=True)
+    ]
+
+
+def _quantize_block(
+    W1: Tensor, Hinv1: Tensor, prune1: Tensor, S1: Tensor, Z1: Tensor, *, quantizer: ColumnQuantizer
+) -> tuple[Tensor, Tensor]:
+    """All columns of one block whose grids are known (S1, Z1 per column): returns (Q1, Err1)."""
+    Q1 = torch.zeros_like(W1)
+    Err1 = torch.zeros_like(W1)
+    _quantize_columns(W1, Hinv1, prune1, S1, Z1, Q1, Err1, 0, quantizer)
+    return Q1, Err1
+
+
+def _quantize_columns(
+    W1: Tensor,
+    Hinv1: Tensor,
+    prune1: Tensor,
+    S1: Tensor,
+    Z1: Tensor,
+    Q1: Tensor,
+    Err1: Tensor,
+    start: int,
+    quantizer: ColumnQuantizer,
+) -> None:
+    """Columns start … start + len(S1) − 1 of a block, in place: q = Q(w) ⊙ m (grid S1, Z1 of
+    each column), err = (w − q) / [Hinv]_ii, W1[:, i+1:] −= err ⊗ Hinv1[i, i+1:]."""
+    rows = W1.shape[0]
+    zero = W1.new_zeros(())
+    for i in range(start, start + len(S1)):
+        w = W1[:, i]
+        q = quantizer.quantize(w.unsqueeze(1), S1[i - start], Z1[i - start]).reshape(rows)
+        q = torch.where(prune1[:, i], zero, q.to(W1.dtype), out=Q1[:, i])
+        err1 = torch.sub(w, q, out=Err1[:, i]).div_(Hinv1[i, i])
+        W1[:, i + 1 :].addr_(err1, Hinv1[i, i + 1 :], alpha=-1)

@@ -69,7 +69,9 @@ def tensor_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
     if k > 0:
         # topk without sorting is a selection, several times faster than a full sort.
         lowest = scores.flatten().topk(k, largest=False, sorted=False).indices
-        keep[lowest] = False
+        # scatter_ of a constant, not keep[lowest] = False: that copies a host scalar to the
+        # device, which a CUDA graph capture (SparseGPT's block) does not allow.
+        keep.scatter_(0, lowest, False)
     return keep.reshape(scores.shape)
 
 

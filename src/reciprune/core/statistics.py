@@ -7,6 +7,7 @@ which is most of the calibration cost saved over computing one Hessian per modul
 from __future__ import annotations
 
 import weakref
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -172,6 +173,14 @@ class InputStatistics:
 
     def num_tokens(self, module: nn.Module) -> int:
         return self._group(module).num_tokens
+
+    def shared_groups(self, modules: Iterable[nn.Module]) -> list[list[nn.Module]]:
+        """`modules` split by the input they read: the modules of one list share one XᵀX (one
+        Hessian), so a solve can take them together. Lists and members keep the given order."""
+        groups: dict[int, list[nn.Module]] = {}
+        for module in modules:
+            groups.setdefault(id(self._group(module)), []).append(module)
+        return list(groups.values())
 
     def sharing(self) -> list[list[nn.Module]]:
         """The groups of modules found to share one input (for reports and tests)."""

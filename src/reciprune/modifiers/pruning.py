@@ -239,13 +239,12 @@ class PruningModifier(TargetedModifier):
             self.track_layer(session, modules)
         elif event.type == EventType.LAYER_CALIBRATED:
             n, m = self.structure_for(event.layer_index)
-            for name, module in modules.items():
-                sparsity = self.sparsity_for(event.layer_index, name)
-                with torch.no_grad():
-                    keep = self.prune_module(session, module, sparsity, n, m)
+            with torch.no_grad():
+                masks = self.prune_layer(session, event.layer_index, modules)
+            for name, keep in masks.items():
                 session.records[name].update(
                     method=self.type_name(),
-                    target_sparsity=sparsity,
+                    target_sparsity=self.sparsity_for(event.layer_index, name),
                     sparsity=1.0 - keep.float().mean().item(),
                     mask_structure=f"{n}:{m}" if m else "unstructured",
                 )
@@ -258,6 +257,17 @@ class PruningModifier(TargetedModifier):
         """Ask for the input statistics `prune_module` reads."""
         for module in modules.values():
             session.statistics.track(module, hessian=self.needs_hessian)
+
+    def prune_layer(
+        self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
+        """Prune the targeted modules of one decoder layer in place; their keep masks, by name
+        in the order of `modules`. By default one `prune_module` call per module."""
+        n, m = self.structure_for(layer_index)
+        return {
+            name: self.prune_module(session, module, self.sparsity_for(layer_index, name), n, m)
+            for name, module in modules.items()
+        }
 
     def prune_module(
         self, session: LifecycleSession, module: nn.Module, sparsity: float, n: int, m: int

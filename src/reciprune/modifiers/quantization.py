@@ -38,7 +38,7 @@ from reciprune.modifiers.registry import register_modifier
 from reciprune.modifiers.targeted import TargetedModifier
 
 if TYPE_CHECKING:
-    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization import QuantizationScheme
 
     from reciprune.core.session import LifecycleSession
 
@@ -432,8 +432,9 @@ class QuantizationModifier(TargetedModifier):
             for handle in self._input_hooks:
                 handle.remove()
             self._input_hooks.clear()
+            solved = self._gptq(session, modules) if self.algorithm == "gptq" else {}
             for name, module in modules.items():
-                self.quantize_module(session, name, module)
+                self.quantize_module(session, name, module, solved.get(name))
 
     def _static_input(self, name: str) -> bool:
         inputs = self._stored[self._assigned[name][0]].input_activations
@@ -448,15 +449,22 @@ class QuantizationModifier(TargetedModifier):
         self._input_range[module] = (lo, hi)
 
     @torch.no_grad()
-    def quantize_module(self, session: LifecycleSession, name: str, module: nn.Module) -> None:
+    def quantize_module(
+        self,
+        session: LifecycleSession,
+        name: str,
+        module: nn.Module,
+        gptq: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """Attach the scheme's parameters to `module` (compressed-tensors' layout), set them
-        from the observer or GPTQ and the observed inputs, and replace W by Q(W)."""
+        from the observer or GPTQ (`gptq`: its (Q(W), scale, zero) when already solved with the
+        module's layer) and the observed inputs, and replace W by Q(W)."""
         from compressed_tensors.quantization import QuantizationStatus
 
         scheme = self._stored[self._assigned[name][0]]
         W = weight_matrix(module).clone()
         if self.algorithm == "gptq":
-            Q, scale, zero = self._gptq(session, module, W, scheme.weights)
+            Q, scale, zero = gptq if gptq is not None else self._gptq(session, {name: module})[name]
         else:
             scale, zero = observe_weight(W, scheme.weights, self.observer)
             Q = fake_quantize_weight(W, scale, zero, scheme.weights)
@@ -478,21 +486,38 @@ class QuantizationModifier(TargetedModifier):
             observer=self.observer,
         )
 
+    @torch.no_grad()
     def _gptq(
-        self, session: LifecycleSession, module: nn.Module, W: torch.Tensor, args: QuantizationArgs
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """GPTQ on the layer Hessian with every zero of W held at zero: (Q(W), scale, zero)."""
-        from reciprune.algorithms.gptq import gptq_quantize
+        self, session: LifecycleSession, modules: dict[str, nn.Module]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """GPTQ on the layer Hessian with every zero of W held at zero: (Q(W), scale, zero) by
+        name. Modules that read one input and share a config group, dtype and a grid per row
+        (channel or group strategy) are solved together, with the same result as one by one."""
+        from reciprune.algorithms.gptq import gptq_quantize_stacked
 
-        group_size = args.group_size if enum_value(args.strategy) == "group" else None
-        Q, params = gptq_quantize(
-            W,
-            session.statistics.hessian(module),
-            ObserverColumnQuantizer(args, self.observer, W.dtype),
-            blocksize=self.block_size,
-            percdamp=self.dampening_frac,
-            actorder=self.actorder,
-            group_size=group_size,
-            keep_mask=W != 0,
-        )
-        return Q, params.scale, params.zero_point
+        name_of = {module: name for name, module in modules.items()}
+        solves: dict[tuple, list[str]] = {}
+        for index, shared in enumerate(session.statistics.shared_groups(modules.values())):
+            for module in shared:
+                name = name_of[module]
+                group = self._assigned[name][0]
+                per_row = enum_value(self._stored[group].weights.strategy) in ("channel", "group")
+                key = (index, group, weight_matrix(module).dtype) if per_row else (name,)
+                solves.setdefault(key, []).append(name)
+        solved = {}
+        for names in solves.values():
+            args = self._stored[self._assigned[names[0]][0]].weights
+            Ws = [weight_matrix(modules[name]) for name in names]
+            results = gptq_quantize_stacked(
+                Ws,
+                session.statistics.hessian(modules[names[0]]),
+                ObserverColumnQuantizer(args, self.observer, Ws[0].dtype),
+                blocksize=self.block_size,
+                percdamp=self.dampening_frac,
+                actorder=self.actorder,
+                group_size=args.group_size if enum_value(args.strategy) == "group" else None,
+                keep_masks=[W != 0 for W in Ws],
+            )
+            for name, (Q, params) in zip(names, results, strict=True):
+                solved[name] = (Q, params.scale, params.zero_point)
+        return solved
