@@ -51,7 +51,8 @@ class _Chunked(torch.autograd.Function):
         grad: Grad,
     ) -> Tensor:
         N = s.shape[0]
-        n = torch.tensor(float(N), device=s.device) if keep is None else keep.sum(dtype=torch.float32)
+        n = keep.sum(dtype=torch.float32) if keep is not None else torch.tensor(float(N))
+        n = n.to(s.device)
         # range(max(N, 1)): with no tokens at all, one empty chunk gives the zero sums
         chunks = range(0, max(N, 1), rows)
         totals = torch.stack([sums(*_chunk(s, t, keep, i, rows)) for i in chunks]).sum(0)
