@@ -29,8 +29,9 @@ _TINY = torch.finfo(torch.float32).tiny
 
 # sums(s, t, keep) -> the chunk's fp32 sums; value(sums, n) -> the loss from the totals over
 # all chunks and the number n of counted tokens; grad(s, t, keep, sums, n) -> ∂L/∂s of the
-# chunk as a new fp32 tensor. s and t are fp32 chunks [rows, D] whose padding rows are zero,
-# keep is the chunk's mask as 1/0 floats [rows, 1].
+# chunk in fp32 (it may be s or t, overwritten). s and t are fp32 chunks [rows, D] whose
+# padding rows are zero: fresh copies that sums and grad may overwrite, which saves
+# chunk-sized temporaries; keep is the chunk's mask as 1/0 floats [rows, 1].
 Sums = Callable[[Tensor, Tensor, Tensor], Tensor]
 Value = Callable[[Tensor, Tensor], Tensor]
 Grad = Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
@@ -128,13 +129,13 @@ def square_head_loss(
     """
 
     def sums(s: Tensor, t: Tensor, keep: Tensor) -> Tensor:
-        return torch.stack([(t - s).square().sum(), t.square().sum()])
+        return torch.stack([(t - s).square_().sum(), t.square_().sum()])
 
     def value(sums: Tensor, n: Tensor) -> Tensor:
         return sums[0] / sums[1].clamp_min(_TINY)
 
     def grad(s: Tensor, t: Tensor, keep: Tensor, sums: Tensor, n: Tensor) -> Tensor:
-        return (s - t).mul_(2.0 / sums[1].clamp_min(_TINY))
+        return s.sub_(t).mul_(2.0 / sums[1].clamp_min(_TINY))
 
     return _compare(student, teacher, mask, chunk_size, sums, value, grad)
 
@@ -168,17 +169,17 @@ def kl_divergence_loss(
     T = temperature
 
     def sums(s: Tensor, t: Tensor, keep: Tensor) -> Tensor:
-        log_q = F.log_softmax(s / T, dim=-1)
-        log_p = F.log_softmax(t / T, dim=-1)
-        per_token = (log_p.exp() * (log_p - log_q)).sum(-1, keepdim=True)
+        log_q = F.log_softmax(s.div_(T), dim=-1)
+        log_p = F.log_softmax(t.div_(T), dim=-1)
+        per_token = (log_p - log_q).mul_(log_p.exp()).sum(-1, keepdim=True)
         return (per_token * keep).sum()
 
     def value(sums: Tensor, n: Tensor) -> Tensor:
         return sums / n.clamp_min(1.0) * T**2
 
     def grad(s: Tensor, t: Tensor, keep: Tensor, sums: Tensor, n: Tensor) -> Tensor:
-        q = F.softmax(s / T, dim=-1)
-        return q.sub_(F.softmax(t / T, dim=-1)).mul_(keep * (T / n.clamp_min(1.0)))
+        q = F.softmax(s.div_(T), dim=-1)
+        return q.sub_(F.softmax(t.div_(T), dim=-1)).mul_(keep * (T / n.clamp_min(1.0)))
 
     return _compare(student, teacher, mask, chunk_size, sums, value, grad)
 
@@ -193,13 +194,13 @@ def mse_loss(
     D = student.shape[-1]
 
     def sums(s: Tensor, t: Tensor, keep: Tensor) -> Tensor:
-        return (s - t).square().sum()
+        return s.sub_(t).square_().sum()
 
     def value(sums: Tensor, n: Tensor) -> Tensor:
         return sums / (n * D).clamp_min(1.0)
 
     def grad(s: Tensor, t: Tensor, keep: Tensor, sums: Tensor, n: Tensor) -> Tensor:
-        return (s - t).mul_(2.0 / (n * D).clamp_min(1.0))
+        return s.sub_(t).mul_(2.0 / (n * D).clamp_min(1.0))
 
     return _compare(student, teacher, mask, chunk_size, sums, value, grad)
 
@@ -231,7 +232,7 @@ def cosine_loss(
     def grad(s: Tensor, t: Tensor, keep: Tensor, sums: Tensor, n: Tensor) -> Tensor:
         c, a, b, unclamped = cosine(s, t)
         scale = keep / n.clamp_min(1.0)
-        return (s * (c * unclamped / a.square() * scale)).sub_(t * (scale / (a * b)))
+        return s.mul_(c * unclamped / a.square() * scale).sub_(t.mul_(scale / (a * b)))
 
     return _compare(student, teacher, mask, chunk_size, sums, value, grad)
 
