@@ -154,9 +154,10 @@ def reference64(name, s, t, mask, temperature=1.0):
 
 def _value_and_grad(fn, s, t, mask, upstream=1.7, **kwargs):
     """fn's value and its gradient w.r.t. the student under an upstream gradient."""
-    student = s.clone().requires_grad_()
-    loss = fn(student, t, mask, **kwargs)
+    student, teacher = s.clone().requires_grad_(), t.clone()
+    loss = fn(student, teacher, mask, **kwargs)
     (upstream * loss).backward()
+    assert torch.equal(student.detach(), s) and torch.equal(teacher, t)  # inputs untouched
     return loss, student.grad
 
 
