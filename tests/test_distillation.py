@@ -134,6 +134,132 @@ def test_losses_vanish_when_student_equals_teacher_and_only_the_student_gets_gra
 
 
 # ---------------------------------------------------------------------------------------------
+# chunked fp32 computation: values and gradients against float64 references, bounded memory
+
+
+def reference64(name, s, t, mask, temperature=1.0):
+    """The loss from its formula in float64 over the selected non-padding rows."""
+    keep = torch.ones(s.shape[:-1], dtype=torch.bool) if mask is None else mask.bool()
+    s, t = s.double()[keep], t.double()[keep]
+    if name == "square_head":
+        return (t - s).square().sum() / t.square().sum()
+    if name == "mse":
+        return (s - t).square().mean()
+    if name == "cosine":
+        return (1 - (s * t).sum(-1) / (s.norm(dim=-1) * t.norm(dim=-1))).mean()
+    T = temperature
+    log_p, log_q = (t / T).log_softmax(-1), (s / T).log_softmax(-1)
+    return T * T * (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+
+
+def _value_and_grad(fn, s, t, mask, upstream=1.7, **kwargs):
+    """fn's value and its gradient w.r.t. the student under an upstream gradient."""
+    student, teacher = s.clone().requires_grad_(), t.clone()
+    loss = fn(student, teacher, mask, **kwargs)
+    (upstream * loss).backward()
+    assert torch.equal(student.detach(), s) and torch.equal(teacher, t)  # inputs untouched
+    return loss, student.grad
+
+
+def _reference_value_and_grad(name, s, t, mask, upstream=1.7, **kwargs):
+    student = s.double().requires_grad_()
+    loss = reference64(name, student, t, mask, **kwargs)
+    (grad,) = torch.autograd.grad(upstream * loss, student)
+    return loss, grad
+
+
+def _ragged(seed=3, B=3, T=7, D=10, dtype=torch.float32):
+    """21 tokens of 3 sequences padded at 5, 7 and 2 tokens; padding holds huge values."""
+    g = torch.Generator().manual_seed(seed)
+    t = torch.randn(B, T, D, generator=g)
+    s = t + 0.5 * torch.randn(B, T, D, generator=g)
+    mask = torch.ones(B, T, dtype=torch.long)
+    mask[0, 5:] = 0
+    mask[2, 2:] = 0
+    s[mask == 0], t[mask == 0] = 1e3, -1e3
+    return s.to(dtype), t.to(dtype), mask
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4, 5, None])  # 21 tokens: chunks cut sequences
+@pytest.mark.parametrize("name", sorted(COMPARISONS))
+def test_value_and_student_gradient_equal_the_float64_reference_for_any_chunking(name, chunk_size):
+    s, t, mask = _ragged()
+    kwargs = {"temperature": 2.0} if name == "kl_divergence" else {}
+    for m in (mask, None):
+        if m is None:  # no mask: every position counts, so no huge padding values
+            s, t = s[:, :2], t[:, :2]
+        loss, grad = _value_and_grad(COMPARISONS[name], s, t, m, chunk_size=chunk_size, **kwargs)
+        ref_loss, ref_grad = _reference_value_and_grad(name, s, t, m, **kwargs)
+        assert loss.dtype == torch.float32 and grad.dtype == torch.float32
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+        scale = ref_grad.abs().max().item()
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6 * scale)
+        if m is not None:
+            assert bool((grad[m == 0] == 0).all())
+
+
+def test_a_bf16_square_head_term_equals_the_float32_reference_within_bf16_tolerance():
+    """bf16 keeps 8 significant bits, so rounding moves each input by up to 2⁻⁹ relative. With
+    the student within ~0.2 of unit-scale teacher values, one (t − s)² moves by up to
+    ~2⁻⁷·|t|/|t − s| ≈ 4%, but these errors are independent and of either sign over the
+    M = 2¹⁶ elements, so the sums, and the ratio, move by ~4%/√M ≈ 2e-4 (measured 1e-4);
+    rel 1e-2 leaves a wide margin. Each gradient element 2(s − t)/Σt² carries its own
+    rounding of s − t, ~1% (measured 1.2% in norm), hence 5e-2 in norm."""
+    g = torch.Generator().manual_seed(7)
+    t = torch.randn(4, 64, 256, generator=g)
+    s = t + 0.2 * torch.randn(4, 64, 256, generator=g)
+    mask = torch.ones(4, 64, dtype=torch.long)
+    mask[1, 40:] = 0
+    ref_loss, ref_grad = _reference_value_and_grad("square_head", s, t, mask)
+    for student in (s.bfloat16(), s):  # bf16 student and teacher; fp32 student, bf16 teacher
+        loss, grad = _value_and_grad(square_head_loss, student, t.bfloat16(), mask, chunk_size=100)
+        assert loss.dtype == torch.float32 and grad.dtype == student.dtype
+        assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-2)
+        error = (grad.double() - ref_grad).norm() / ref_grad.norm()
+        assert error.item() < 5e-2
+
+
+@pytest.mark.parametrize("name", sorted(COMPARISONS))
+def test_autograd_saves_no_fp32_copy_of_the_outputs(name):
+    """Saved for backward: the bf16 student and teacher themselves, plus ≤ 8 bytes a token."""
+    s, t, mask = _ragged(B=4, T=32, D=64, dtype=torch.bfloat16)
+    student = s.clone().requires_grad_()
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
+        loss = COMPARISONS[name](student, t, mask, chunk_size=16)
+    outputs = {student.untyped_storage().data_ptr(), t.untyped_storage().data_ptr()}
+    own = [x for x in saved if x.untyped_storage().data_ptr() in outputs]
+    extra = [x for x in saved if x.untyped_storage().data_ptr() not in outputs]
+    assert len(own) == 2 and all(x.dtype == torch.bfloat16 for x in own)
+    assert sum(x.numel() * x.element_size() for x in extra) <= 8 * mask.numel()
+    loss.backward()
+    assert student.grad.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", sorted(COMPARISONS))
+def test_no_fp32_tensor_larger_than_one_chunk_is_made_forward_or_backward(name):
+    """Every fp32 temporary of bf16 outputs spans at most chunk_size tokens."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class LargestFloat32(TorchDispatchMode):
+        largest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for x in out if isinstance(out, tuple | list) else (out,):
+                if isinstance(x, torch.Tensor) and x.dtype == torch.float32:
+                    self.largest = max(self.largest, x.numel())
+            return out
+
+    s, t, mask = _ragged(B=4, T=32, D=64, dtype=torch.bfloat16)
+    student = s.clone().requires_grad_()
+    with LargestFloat32() as mode:
+        COMPARISONS[name](student, t, mask, chunk_size=16).backward()
+    assert 0 < mode.largest <= 16 * 64
+    assert student.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
 # the modifier, driven as the training pipeline drives it
 
 
