@@ -308,13 +308,11 @@ def _tokenizer(where: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
 def load_model_skeleton(
     spec: str | None, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, ModelSource, Any]:
-    """The model with only the modules around its decoder layers loaded (embeddings, norms,
-    head; the layers' weights stay on the meta device), its tokenizer, source, and a
-    `ShardReader` over its safetensors to read each layer when it is needed."""
+    """The model with every stored weight on the meta device (only computed buffers such as
+    rotary tables are real), its tokenizer, source, and a `ShardReader` over its safetensors:
+    a `Streamed` placement reads each layer, and the modules around the layers, when needed."""
     from accelerate import init_empty_weights
 
-    from reciprune.core.layers import find_decoder_layers
-    from reciprune.core.placement import set_tensor
     from reciprune.core.shards import ShardReader
 
     source = resolve_model(spec)
@@ -335,12 +333,6 @@ def load_model_skeleton(
     except (OSError, ValueError, KeyError) as exc:
         raise _load_error(source, exc) from exc
     _check_stored_names(model, reader, source)
-    layers_name, _ = find_decoder_layers(model)
-    for name in reader.names:
-        if not name.startswith(layers_name + "."):
-            tensor = reader.get(name)
-            set_tensor(model, name, tensor.to(dtype) if tensor.is_floating_point() else tensor)
-    model.tie_weights()
     return model.eval(), tokenizer, source, reader
 
 

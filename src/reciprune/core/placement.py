@@ -88,9 +88,14 @@ class Streamed(Onload):
     """Layers on disk: each is read from the input checkpoint's safetensors when its turn comes
     and, once compressed, written into the output files and dropped (models larger than memory).
 
-    The modules outside the layers are in memory (CPU) throughout; `writer` receives them at
-    `finish`. Without a writer (a read-only pass such as perplexity) nothing is written.
+    The modules outside the layers (embeddings, final norm, head) are read only for
+    `outer_on_device` and dropped after it: a 70B model's embeddings and head are several GB,
+    which a layer walk does not need. `finish` copies them into the output file by row blocks.
+    Without a writer (a read-only pass such as perplexity) nothing is written.
     """
+
+    #: Rows of an outer tensor (embeddings, head) copied at a time at `finish`.
+    COPY_BYTES = 64 << 20
 
     def __init__(
         self,
@@ -102,11 +107,14 @@ class Streamed(Onload):
         super().__init__(device)
         self.reader, self.dtype, self.writer = reader, dtype, writer
 
+    def _to_compute(self, tensor: torch.Tensor) -> torch.Tensor:
+        dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
+        return tensor.to(self.device, dtype)
+
     def fetch(self, step: LayerStep) -> None:
         for name in step.layer.state_dict():
             tensor = self.reader.get(f"{step.layer_name}.{name}")
-            dtype = self.dtype if tensor.is_floating_point() else tensor.dtype
-            set_tensor(step.layer, name, tensor.to(self.device, dtype))
+            set_tensor(step.layer, name, self._to_compute(tensor))
 
     def release(self, step: LayerStep, *, changed: bool) -> None:
         for name, tensor in step.layer.state_dict().items():
@@ -115,13 +123,42 @@ class Streamed(Onload):
             set_tensor(step.layer, name, torch.empty_like(tensor, device="meta"))
         return_freed_memory()
 
+    def outer_names(self, model: nn.Module) -> list[str]:
+        """The stored tensors outside the decoder layers."""
+        layers_name, _ = find_decoder_layers(model)
+        return [n for n in self.reader.names if not n.startswith(layers_name + ".")]
+
+    @contextmanager
+    def outer_on_device(self, model: nn.Module) -> Iterator[None]:
+        names = self.outer_names(model)
+        for name in names:
+            set_tensor(model, name, self._to_compute(self.reader.get(name)))
+        model.tie_weights()
+        try:
+            yield
+        finally:
+            drop_outer_weights(model, names)
+
     def finish(self, model: nn.Module) -> None:
-        """Write the tensors outside the decoder layers and check that nothing is missing."""
+        """Copy the tensors outside the decoder layers (never changed by a oneshot stage) into
+        the output, and check that nothing is missing."""
         if self.writer is None:
             return
-        layers_name, _ = find_decoder_layers(model)
-        state = model.state_dict()
-        for name in self.reader.names:
-            if not name.startswith(layers_name + "."):
-                self.writer.write(name, state[name])
+        for name in self.outer_names(model):
+            stored = self.reader.slices(name)
+            row_bytes = max(1, stored.bytes_per_row)
+            rows = max(1, self.COPY_BYTES // row_bytes)
+            for start in range(0, stored.rows, rows):
+                block = stored.read(start, start + rows)
+                dtype = self.dtype if block.is_floating_point() else block.dtype
+                self.writer.write_rows(name, start, block.to(dtype))
         self.writer.close()
+
+
+def drop_outer_weights(model: nn.Module, names: list[str]) -> None:
+    """Put the tensors `names` (outside the decoder layers) back on the meta device."""
+    state = model.state_dict()
+    for name in names:
+        set_tensor(model, name, torch.empty_like(state[name], device="meta"))
+    model.tie_weights()
+    return_freed_memory()

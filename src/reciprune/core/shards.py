@@ -25,6 +25,7 @@ _SAFETENSORS_DTYPES = {
     torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
     torch.uint8: "U8", torch.bool: "BOOL",
 }  # fmt: skip
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
 
 
 class ShardReader:
@@ -59,8 +60,32 @@ class ShardReader:
         with safe_open(self.folder / self.file_of[name], framework="pt") as handle:
             return handle.get_tensor(name)
 
+    def slices(self, name: str) -> StoredRows:
+        """Tensor `name` readable a block of rows (first dimension) at a time."""
+        return StoredRows(self.folder / self.file_of[name], name)
+
     def nbytes(self) -> int:
         return sum((self.folder / f).stat().st_size for f in set(self.file_of.values()))
+
+
+class StoredRows:
+    """One stored tensor, read by blocks of rows without reading the rest of it."""
+
+    def __init__(self, file: Path, name: str) -> None:
+        self.file, self.name = file, name
+        with safe_open(file, framework="pt") as handle:
+            stored = handle.get_slice(name)
+            self.shape = tuple(stored.get_shape())
+            element = torch.empty((), dtype=_TORCH_DTYPES[stored.get_dtype()]).element_size()
+        self.rows = self.shape[0] if self.shape else 1
+        self.bytes_per_row = element * (torch.Size(self.shape[1:]).numel() if self.shape else 1)
+
+    def read(self, start: int, end: int) -> torch.Tensor:
+        """Rows `start:end` (the whole tensor when it has no dimensions)."""
+        with safe_open(self.file, framework="pt") as handle:
+            if not self.shape:
+                return handle.get_tensor(self.name)
+            return handle.get_slice(self.name)[start:end]
 
 
 class ShardWriter:
@@ -80,6 +105,8 @@ class ShardWriter:
         self._where: dict[str, tuple[str, int, int]] = {}  # name → (file, start, end) absolute
         self._pending: set[str] = set()
         self._sizes: dict[str, int] = {}
+        self._rows = {name: shape[0] if shape else 1 for name, (_, shape) in specs.items()}
+        self._rows_written: dict[str, int] = {}
         for file, names in layout.items():
             self._lay_out(file, sorted(names), specs)
         if len(layout) > 1:
@@ -118,6 +145,21 @@ class ShardWriter:
             handle.seek(begin)
             handle.write(data)  # the buffer itself: no copy of a large tensor
         self._pending.discard(name)
+
+    def write_rows(self, name: str, start: int, block: torch.Tensor) -> None:
+        """Store rows `start:start + len(block)` of `name` (a tensor written by blocks)."""
+        file, begin, end = self._where[name]
+        row_bytes = (end - begin) // self._rows[name]
+        data = block.detach().to("cpu").contiguous().flatten().view(torch.uint8).numpy()
+        if data.nbytes % row_bytes or begin + start * row_bytes + data.nbytes > end:
+            raise ValueError(f"{name}: {data.nbytes} bytes at row {start} do not fit its layout")
+        with open(self.folder / file, "r+b") as handle:
+            handle.seek(begin + start * row_bytes)
+            handle.write(data)
+        written = self._rows_written.get(name, 0) + data.nbytes // row_bytes
+        self._rows_written[name] = written
+        if written >= self._rows[name]:
+            self._pending.discard(name)
 
     def close(self) -> None:
         """Check that every tensor was written."""
