@@ -52,6 +52,66 @@ def is_prepared(folder: Path) -> bool:
     return (folder / PREPARED).is_file()
 
 
+def add_llama_7b_shape(parser: Any, work: Path) -> None:
+    """--work, --device and the random Llama's shape, Llama-2-7B's by default (4 layers)."""
+    parser.add_argument("--work", type=Path, default=work)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=4096)
+    parser.add_argument("--intermediate", type=int, default=11008)
+    parser.add_argument("--heads", type=int, default=32)
+    parser.add_argument("--vocab", type=int, default=32000)
+
+
+def random_llama_with_rows(
+    work: Path,
+    *,
+    layers: int,
+    hidden: int,
+    intermediate: int,
+    heads: int,
+    vocab: int,
+    rows: int,
+    seq_len: int,
+    device: str = "cpu",
+) -> tuple[Path, Path]:
+    """WORK/model: a seeded random bf16 Llama (untied head) with a word-level tokenizer of
+    `vocab` words; WORK/rows: `rows` × `seq_len` random token ids saved with
+    `datasets.save_to_disk` (column `input_ids`). Built once; nothing is downloaded."""
+    import torch
+    from datasets import Dataset
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    model_dir, data_dir = work / "model", work / "rows"
+    wanted = {"layers": layers, "hidden": hidden, "intermediate": intermediate, "heads": heads,
+              "vocab": vocab, "rows": rows, "seq_len": seq_len}  # fmt: skip
+    marker = model_dir / PREPARED
+    if marker.is_file() and json.loads(marker.read_text()) == wanted:
+        return model_dir, data_dir
+    words = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, vocab)}}
+    backend = Tokenizer(models.WordLevel(vocab=words, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
+                                        pad_token="<pad>", eos_token="</s>")  # fmt: skip
+    config = LlamaConfig(hidden_size=hidden, intermediate_size=intermediate,
+                         num_hidden_layers=layers, num_attention_heads=heads,
+                         num_key_value_heads=heads, vocab_size=vocab,
+                         max_position_embeddings=max(4096, seq_len),
+                         tie_word_embeddings=False, pad_token_id=1, eos_token_id=2)  # fmt: skip
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    del model
+    generator = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (rows, seq_len), generator=generator)
+    Dataset.from_dict({"input_ids": ids.tolist()}).save_to_disk(str(data_dir))
+    marker.write_text(json.dumps(wanted) + "\n", encoding="utf-8")
+    return model_dir, data_dir
+
+
 # --- runs ---------------------------------------------------------------------------------------
 def run_checked(cmd: list[str], env: dict[str, str]) -> None:
     """Run `cmd`; on failure print it and the tail of its output, then exit with its status."""

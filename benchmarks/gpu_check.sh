@@ -14,6 +14,7 @@ export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_large_models.py 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
 python3 benchmarks/oneshot_gpu.py --layers 4 --json "$OUT/oneshot_4.json" 2>&1 | tail -8 | tee "$OUT/oneshot_4.txt"
+python3 benchmarks/solve_bench.py --repeats 3 2>&1 | tail -8 | tee "$OUT/solve.txt"
 if [ "${1:-}" != quick ]; then
   python3 benchmarks/oneshot_gpu.py --layers 32 --methods sparsegpt --work /tmp/oneshot32 \
     --json "$OUT/oneshot_32.json" 2>&1 | tail -6 | tee "$OUT/oneshot_32.txt"

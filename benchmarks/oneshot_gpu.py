@@ -29,9 +29,11 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _common as common  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = {"sparsegpt": "sparsegpt_50.yaml", "wanda": "wanda_50.yaml"}
-PREPARED = "bench_model.json"
 RECIPROUNE_CHILD = """
 import re, sys
 from pathlib import Path
@@ -65,35 +67,11 @@ print("VMHWM_KB", re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_
 
 def build(work: Path, args: argparse.Namespace) -> tuple[Path, Path]:
     """The random bf16 Llama with its word-level tokenizer, and the calibration rows."""
-    import torch
-    from datasets import Dataset
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    model_dir, data_dir = work / "model", work / "calibration"
-    if (model_dir / PREPARED).is_file() and (data_dir / "dataset_info.json").is_file():
-        return model_dir, data_dir
-    vocab = {"<unk>": 0, "<pad>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, args.vocab)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>",
-                                        pad_token="<pad>", eos_token="</s>")  # fmt: skip
-    config = LlamaConfig(hidden_size=args.hidden, intermediate_size=args.intermediate,
-                         num_hidden_layers=args.layers, num_attention_heads=args.heads,
-                         num_key_value_heads=args.heads, vocab_size=args.vocab,
-                         max_position_embeddings=max(4096, args.seq_len),
-                         tie_word_embeddings=False, pad_token_id=1, eos_token_id=2)  # fmt: skip
-    torch.manual_seed(0)
-    with torch.device(args.device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    generator = torch.Generator().manual_seed(1)
-    rows = torch.randint(3, args.vocab, (args.samples, args.seq_len), generator=generator)
-    Dataset.from_dict({"input_ids": rows.tolist()}).save_to_disk(str(data_dir))
-    (model_dir / PREPARED).write_text(json.dumps(vars(args), default=str) + "\n")
-    del model
-    return model_dir, data_dir
+    return common.random_llama_with_rows(
+        work, layers=args.layers, hidden=args.hidden, intermediate=args.intermediate,
+        heads=args.heads, vocab=args.vocab, rows=args.samples, seq_len=args.seq_len,
+        device=args.device,
+    )  # fmt: skip
 
 
 def _number(pattern: str, text: str) -> float | None:
@@ -155,13 +133,7 @@ def _cell(value, fmt: str) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--work", type=Path, default=Path("/tmp/reciprune-oneshot-gpu"))
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=11008)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--vocab", type=int, default=32000)
+    common.add_llama_7b_shape(parser, Path("/tmp/reciprune-oneshot-gpu"))
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--methods", nargs="+", choices=sorted(RECIPES), default=sorted(RECIPES))
