@@ -16,7 +16,8 @@ micro-batch, learning rate 1e-5, no warm-up):
 For each it prints the median step time (the first step left out), tokens/s over the whole run
 and without the first step, the GPU peak and the process's peak RSS, then PASS/FAIL for the
 issue's targets: dense step ≤ 1.05× plain; distillation step ≤ 1.35× the ConstantPruning step;
-the teacher adds no more than its bf16 size to the GPU peak and to the RSS. `--src DIR` runs the
+the teacher adds no more than its size in the compute dtype (bf16 on CUDA, float32 on the CPU) to
+the GPU peak and to the RSS. `--src DIR` runs the
 reciprune rows with another checkout's `src` (e.g. a worktree of an older commit) for a
 before/after comparison; `--repeats` alternates the rows that many times.
 
@@ -248,6 +249,8 @@ def main() -> None:
                 results.append(run_reciprune(args, model_dir, data_dir, row))
             print(json.dumps(results[-1], default=str), flush=True)
     params = sum(p.stat().st_size for p in model_dir.glob("*.safetensors"))
+    # The teacher runs in the compute dtype: bf16 on CUDA (the checkpoint's size), fp32 on the CPU.
+    teacher_mb = params / 2**20 * (1 if args.device.startswith("cuda") else 2)
     print(f"\n{args.layers} layers at hidden {args.hidden} / MLP {args.intermediate}, "
           f"{args.batch}×{args.seq_len} tokens per step, {args.steps} steps, {args.device}; "
           f"bf16 checkpoint {params / 2**20:.0f} MB\n")  # fmt: skip
@@ -256,7 +259,7 @@ def main() -> None:
     if args.repeats > 1:
         print("\nmedians over the repeats:\n")
         print_table(list(measured.values()))
-    print("\n".join([""] + targets(measured, params / 2**20)))
+    print("\n".join([""] + targets(measured, teacher_mb)))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1, default=str))
 
