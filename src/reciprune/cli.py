@@ -27,15 +27,14 @@ from reciprune.recipe.options import (
 )
 from reciprune.recipe.training import TrainingConfig
 
-EPILOG = """examples:
+EPILOG = """examples (after `source .venv/bin/activate`):
   reciprune oneshot --recipe recipes/quickstart/sparsegpt_50.yaml --output-dir out/sgpt50
-  reciprune finetune --recipe recipes/quickstart/sparse_finetune_distill.yaml \
-      --model out/sgpt50 --distill-teacher embedded:smollm2-135m-instruct --output-dir out/ft
-  reciprune run --recipe recipes/sparse_llama2_7b_gsm8k/smollm2_asdiv.yaml --output-dir out/run
+  reciprune finetune --recipe recipes/quickstart/sparsegpt_50_distill_finetune.yaml --stage sparse_finetune_stage --model out/sgpt50 --distill-teacher embedded:smollm2-135m-instruct --output-dir out/sgpt50_ft
+  reciprune run --recipe recipes/quickstart/sparsegpt_50_distill_finetune.yaml --output-dir out/run
   reciprune recipe check recipes/quickstart/sparsegpt_50.yaml
   reciprune eval --model out/sgpt50 --ppl
   reciprune eval --model out/sgpt50 --tasks piqa,boolq,asdiv --limit 200 --save-results
-  reciprune compare out/dense out/sgpt50
+  reciprune compare out/sgpt50 out/sgpt50_ft out/run
   reciprune modifiers
 Without --model and --dataset, the embedded SmolLM2-135M-Instruct model and the embedded
 Wikipedia passages (BoolQ) are used, so every command works offline."""

@@ -1,0 +1,108 @@
+"""What a new user meets first: the examples in `--help` and the README run as written, `run`
+reports its stages, logs without a terminal carry no progress bars, and surprising settings warn."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+from reciprune.cli import build_parser
+
+ROOT = Path(__file__).resolve().parents[1]
+#: Arguments that name files a command reads (outputs like out/... are created by the commands).
+INPUT_PREFIXES = ("recipes/", "examples/")
+
+
+def _epilogs() -> dict[str, str]:
+    """Every epilog and description of the parser and its subcommands, by command name."""
+    texts: dict[str, str] = {}
+
+    def walk(parser: argparse.ArgumentParser, name: str) -> None:
+        texts[name] = f"{parser.description or ''}\n{parser.epilog or ''}"
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for sub_name, sub in action.choices.items():
+                    walk(sub, f"{name} {sub_name}")
+
+    walk(build_parser(), "reciprune")
+    return texts
+
+
+def _help_commands() -> list[str]:
+    """`reciprune ...` example lines of the printed --help texts (as a user would copy them)."""
+    commands = []
+    for text in _epilogs().values():
+        commands += [line.strip() for line in text.splitlines()
+                     if line.strip().startswith("reciprune ")]  # fmt: skip
+    return commands
+
+
+def _readme_code_lines() -> list[str]:
+    """Lines of the README's shell code: fenced blocks (not yaml) and indented blocks."""
+    lines, fence = [], None
+    for line in (ROOT / "README.md").read_text(encoding="utf-8").splitlines():
+        if line.startswith("```"):
+            fence = None if fence is not None else line[3:].strip()
+        elif (fence is not None and fence != "yaml") or (fence is None and line.startswith("    ")):
+            lines.append(line)
+    return lines
+
+
+def _readme_commands() -> list[str]:
+    """`reciprune ...` commands of the README's shell code, continuation lines joined."""
+    commands = []
+    for line in "\n".join(_readme_code_lines()).replace("\\\n", " ").splitlines():
+        for part in line.split("&&"):
+            words = part.strip()
+            for prefix in (".venv/bin/", "$ "):
+                words = words.removeprefix(prefix)
+            if words.startswith("reciprune "):
+                commands.append(words)
+    return commands
+
+
+def _check_command(command: str) -> list[str]:
+    """Problems of one example command: missing input files, flags our parser rejects."""
+    argv = shlex.split(command, comments=True)[1:]
+    problems = [f"{word} does not exist" for word in argv
+                if word.startswith(INPUT_PREFIXES) and not (ROOT / word).exists()]  # fmt: skip
+    try:
+        build_parser().parse_args(argv)
+    except SystemExit:
+        problems.append("our parser rejects it")
+    return problems
+
+
+def test_help_examples_are_whole_commands_that_parse_and_name_existing_files(capsys):
+    commands = _help_commands()
+    assert len(commands) >= 8, commands  # the top-level epilog alone has eight
+    bad = {c: p for c in commands if (p := _check_command(c))}
+    capsys.readouterr()  # argparse's own messages for the rejected ones
+    assert not bad, bad
+
+
+def test_readme_commands_parse_and_name_existing_files(capsys):
+    commands = _readme_commands()
+    assert len(commands) >= 5, commands
+    bad = {c: p for c in commands if (p := _check_command(c))}
+    capsys.readouterr()
+    assert not bad, bad
+
+
+def test_the_compare_example_names_folders_the_examples_before_it_create():
+    epilog = build_parser().epilog
+    created = set(re.findall(r"--output-dir (\S+)", epilog))
+    compared = re.search(r"reciprune compare ((?:\S+ ?)+)", epilog).group(1).split()
+    assert compared and set(compared) <= created, (compared, created)
+
+
+def test_the_check_catches_a_missing_recipe_and_a_bad_flag(capsys):
+    assert _check_command("reciprune oneshot --recipe recipes/none.yaml --output-dir o")
+    assert _check_command("reciprune oneshot --recipe recipes/quickstart/sparsegpt_50.yaml --bogus")
+    assert not _check_command(
+        "reciprune oneshot --recipe recipes/quickstart/sparsegpt_50.yaml --output-dir o"
+    )
