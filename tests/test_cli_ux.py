@@ -4,11 +4,14 @@ reports its stages, logs without a terminal carry no progress bars, and surprisi
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shlex
 from pathlib import Path
 
-from reciprune.cli import build_parser
+import pytest
+
+from reciprune.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 #: Arguments that name files a command reads (outputs like out/... are created by the commands).
@@ -104,3 +107,69 @@ def test_the_check_catches_a_missing_recipe_and_a_bad_flag(capsys):
     assert not _check_command(
         "reciprune oneshot --recipe recipes/quickstart/sparsegpt_50.yaml --output-dir o"
     )
+
+
+TWO_STAGE_RECIPE = """\
+prune_stage:
+  run_type: oneshot
+  pruning_modifiers:
+    WandaModifier:
+      sparsity: 0.5
+      targets: ["Linear"]
+recover_stage:
+  run_type: finetune
+  training:
+    max_steps: 2
+    per_device_train_batch_size: 2
+    max_seq_length: 32
+    eval_samples: 2
+  constant_modifiers:
+    ConstantPruningModifier:
+      targets: ["Linear"]
+"""
+
+
+def _row(table: str, first: str) -> str:
+    return next(line for line in table.splitlines() if line.startswith(first))
+
+
+def test_run_prints_each_stage_and_a_summary_and_compare_reads_the_run(
+    tiny_model_dir, text_files, tmp_path, capsys
+):
+
+
+    recipe = tmp_path / "two.yaml"
+    recipe.write_text(TWO_STAGE_RECIPE)
+    out = tmp_path / "run"
+    assert main(["run", "--recipe", str(recipe), "--model", str(tiny_model_dir), "--dataset",
+                 str(text_files[0]), "--num-calibration-samples", "4", "--calibration-seq-length",
+                 "16", "--ppl-file", str(text_files[1]), "--ppl-samples", "2", "--ppl-seq-length",
+                 "24", "--no-progress", "--output-dir", str(out)]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "2 windows of 24 tokens" in printed
+    oneshot = json.loads((out / "prune_stage" / "reciprune_manifest.json").read_text())["metrics"]
+    finetune = json.loads((out / "recover_stage" / "reciprune_manifest.json").read_text())["metrics"]
+    # One window length for the run: the checkpoint the oneshot stage saved reads the same
+    # perplexity when the finetune stage loads it.
+    assert finetune["ppl_before"] == pytest.approx(oneshot["ppl_compressed"], rel=1e-4)
+    assert "stage prune_stage (oneshot) done" in printed
+    assert f"ppl_compressed     {oneshot['ppl_compressed']:.4f}" in printed
+    assert f"ppl_after          {finetune['ppl_after']:.4f}" in printed
+    summary = printed[printed.index("run finished"):]
+    assert f"{oneshot['global_sparsity']:.2%}" in _row(summary, "prune_stage")
+    assert f"{finetune['ppl_after']:.4f}" in _row(summary, "recover_stage")
+
+    assert main(["compare", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert f"{finetune['global_sparsity']:.2%}" in _row(table, "sparsity")
+    assert f"{finetune['ppl_after']:.4f}" in _row(table, "ppl_after")
+    assert _row(table, "weight files").split()[-1] == "MB"
+    assert _row(table, "stages").split()[-1] == "prune_stage,recover_stage"
+
+    again = tmp_path / "again"
+    assert main(["run", "--from-manifest", str(out), "--output-dir", str(again),
+                 "--no-progress"]) == 0  # fmt: skip
+    rerun_summary = capsys.readouterr().out
+    assert "2 windows of 24 tokens" in rerun_summary
+    assert f"{finetune['ppl_after']:.4f}" in _row(rerun_summary[rerun_summary.index("run finished"):],
+                                                  "recover_stage")  # fmt: skip

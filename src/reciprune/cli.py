@@ -368,24 +368,54 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
         trust_remote_code=options_from(args, ModelOptions).trust_remote_code,
     )
     print(f"re-running the {rerun.run_type} recorded in {rerun.manifest_path}")
+    _print_ppl_windows(rerun.job)
     differ = run_rerun(rerun)
     if differ:
         print(
             f"note: the data read now has another fingerprint than recorded ({', '.join(differ)}): "
             "the data set or its cache changed, so the result may differ."
         )
-    print(f"saved to {rerun.job.output.output_dir}")
+    from reciprune.evaluation.compare import SUMMARY_METRICS
+
+    output = Path(rerun.job.output.output_dir)
+    manifest = json.loads((output / "reciprune_manifest.json").read_text("utf-8"))
+    if rerun.run_type == "run":
+        _print_run_summary(output, manifest)
+    else:
+        _print_metrics(output, manifest["metrics"], SUMMARY_METRICS)
     return 0
+
+
+def _print_ppl_windows(job: Job) -> None:
+    """Say which perplexity windows every stage measures, so numbers of stages are comparable."""
+    options = job.evaluation
+    if options.eval_ppl:
+        print(f"perplexity: {options.ppl_samples} windows of {options.ppl_seq_length} tokens "
+              "(--ppl-samples, --ppl-seq-length), the same in every stage")  # fmt: skip
+
+
+def _print_run_summary(output_dir: Path, manifest: dict[str, Any]) -> None:
+    from reciprune.evaluation.compare import run_summary
+
+    print(f"\nrun finished: {output_dir} (final model: {output_dir / manifest['final']})")
+    print(run_summary(manifest))
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     if args.from_manifest is not None:
         return _cmd_rerun(args)
+    from reciprune.evaluation.compare import SUMMARY_METRICS
     from reciprune.pipelines.multistage import run_stages
 
     job = _job(RunJob, args, recipe=_load_recipe(args))
+    _print_ppl_windows(job)
+    folder = None
     for stage, folder in run_stages(job):
-        print(f"stage {stage}: {folder}")
+        manifest = json.loads((folder / "reciprune_manifest.json").read_text("utf-8"))
+        print(f"\nstage {stage} ({manifest.get('run_type')}) done")
+        _print_metrics(folder, manifest.get("metrics") or {}, SUMMARY_METRICS)
+    run_dir = folder.parent if folder is not None else Path(job.output.output_dir)
+    _print_run_summary(run_dir, json.loads((run_dir / "reciprune_manifest.json").read_text("utf-8")))
     return 0
 
 

@@ -54,14 +54,62 @@ def collect(path: str | Path) -> dict[str, Any]:
             "Pass folders written by reciprune oneshot/finetune/run, or evaluate the folder "
             "first with `reciprune eval --model DIR --tasks ... --save-results`."
         )
-    weights = [f for f in where.iterdir() if f.is_file() and f.suffix in _WEIGHT_SUFFIXES]
+    if manifest is not None and manifest.get("run_type") == "run":
+        manifest, weights_dir = _final_stage_view(where, manifest)
+    else:
+        weights_dir = where
     return {
         "name": where.name,
         "path": str(where),
         "manifest": manifest,
         "eval": evaluation,
-        "weight_bytes": sum(f.stat().st_size for f in weights) if weights else None,
+        "weight_bytes": _weight_bytes(weights_dir),
     }
+
+
+def _weight_bytes(folder: Path) -> int | None:
+    weights = [f for f in folder.iterdir() if f.is_file() and f.suffix in _WEIGHT_SUFFIXES]
+    return sum(f.stat().st_size for f in weights) if weights else None
+
+
+def _final_stage_view(run_dir: Path, manifest: dict[str, Any]) -> tuple[dict[str, Any], Path]:
+    """A `reciprune run` folder as its final model: the run's own record (source, recipe,
+    stages), with the metrics and checkpoint of the last stage's manifest, whose folder holds
+    the weights. The run-level metrics are nested by stage, so they cannot fill the rows."""
+    final = run_dir / str(manifest.get("final") or (manifest.get("stages") or [""])[-1])
+    if not (final / MANIFEST_NAME).is_file():
+        raise ReciPruneError(
+            f"{run_dir} is a `reciprune run` folder but its final stage {final.name!r} has no "
+            f"{MANIFEST_NAME}: the run did not finish. Rerun it with --resume."
+        )
+    stage = _read_json(final / MANIFEST_NAME)
+    view = {**manifest, "metrics": stage.get("metrics") or {}, "checkpoint": stage.get("checkpoint")}
+    return view, final
+
+
+#: The metrics `reciprune run` prints per stage and in its summary (the manifests hold more).
+SUMMARY_METRICS = ("global_sparsity", "ppl_dense", "ppl_compressed", "ppl_before", "ppl_after",
+                   "train_loss_last", "eval_loss")  # fmt: skip
+
+
+def run_summary(manifest: dict[str, Any]) -> str:
+    """One row per stage of a `reciprune run` manifest: its kind, sparsity, perplexity and
+    loss metrics and time."""
+    records = manifest.get("stage_records") or {}
+    timings = manifest.get("timings") or {}
+    keys = [k for k in SUMMARY_METRICS if any(k in (r.get("metrics") or {}) for r in records.values())]
+    header = ["stage", "run type", *keys, "seconds"]
+    body = [
+        [name, str(record.get("run_type")),
+         *[_summary_cell(k, (record.get("metrics") or {}).get(k)) for k in keys],
+         _format(timings.get(name))]
+        for name, record in records.items()
+    ]  # fmt: skip
+    return _fixed_width([header, *body])
+
+
+def _summary_cell(key: str, value: Any) -> str:
+    return f"{value:.2%}" if key == "global_sparsity" and isinstance(value, float) else _format(value)
 
 
 def _format(value: Any) -> str:
@@ -145,9 +193,14 @@ def compare_table(paths: Sequence[str | Path], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines)
-    widths = [max(len(r[c]) for r in [header, *body]) for c in range(len(header))]
+    return _fixed_width([header, *body])
+
+
+def _fixed_width(rows: list[list[str]]) -> str:
+    """Rows as text columns: the first left-aligned, the others right-aligned."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join(
         "  ".join(f"{cell:<{w}}" if c == 0 else f"{cell:>{w}}" for c, (cell, w) in
                   enumerate(zip(row, widths, strict=True))).rstrip()
-        for row in [header, *body]
+        for row in rows
     )  # fmt: skip
