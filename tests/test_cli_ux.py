@@ -173,3 +173,27 @@ def test_run_prints_each_stage_and_a_summary_and_compare_reads_the_run(
     assert "2 windows of 24 tokens" in rerun_summary
     assert f"{finetune['ppl_after']:.4f}" in _row(rerun_summary[rerun_summary.index("run finished"):],
                                                   "recover_stage")  # fmt: skip
+
+
+def test_without_a_terminal_no_bar_reaches_the_log_only_plain_lines(
+    tiny_model_dir, text_files, tmp_path, capfd, monkeypatch
+):
+    from transformers.utils import logging as hf_logging
+
+    import reciprune.progress
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # restored after the test
+    monkeypatch.setattr(reciprune.progress, "PLAIN_EVERY_S", 0.0)  # a line at every update
+    capfd.readouterr()
+    try:  # progress is not turned off: stderr (captured) being no terminal is enough
+        assert main(["oneshot", "--recipe", "recipes/quickstart/wanda_50.yaml", "--model",
+                     str(tiny_model_dir), "--dataset", str(text_files[0]),
+                     "--num-calibration-samples", "4", "--calibration-seq-length", "16",
+                     "--ppl-file", str(text_files[1]), "--ppl-samples", "2", "--ppl-seq-length",
+                     "16", "--output-dir", str(tmp_path / "out")]) == 0  # fmt: skip
+    finally:
+        hf_logging.enable_progress_bar()
+    log = capfd.readouterr().err
+    assert "\r" not in log
+    assert "Loading weights" not in log and "Writing model shards" not in log
+    assert re.search(r": 2/2 layer", log) and re.search(r"perplexity: 2/2 window", log), log

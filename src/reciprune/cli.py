@@ -15,6 +15,7 @@ from reciprune import __version__
 from reciprune.cli_options import add_options, given_flags, options_from
 from reciprune.errors import ReciPruneError
 from reciprune.pipelines.jobs import FinetuneJob, Job, OneshotJob, RunJob, RunOptions
+from reciprune.progress import bars_wanted, quiet_library_bars
 from reciprune.recipe.options import (
     CalibrationOptions,
     EvalOptions,
@@ -516,6 +517,10 @@ COMMANDS = {
 }
 
 
+#: Commands that load models (and so may draw the libraries' progress bars).
+_MODEL_COMMANDS = ("oneshot", "finetune", "run", "eval")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `reciprune` console script; returns the exit status."""
     parser = build_parser()
@@ -527,6 +532,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes warns on import (through peft/transformers) that an optional speed-up kernel
     # package is missing, on every command; its CPU 4-bit path works without it.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    if args.command in _MODEL_COMMANDS and not bars_wanted(getattr(args, "progress", True)):
+        quiet_library_bars()
     try:
         return COMMANDS[args.command](args)
     except ReciPruneError as exc:

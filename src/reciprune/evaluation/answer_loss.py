@@ -15,10 +15,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reciprune.data.training import IGNORE_INDEX, question_answer_data
+from reciprune.progress import progress_bar
 
 
 @dataclass
@@ -50,7 +50,7 @@ def answer_loss(
     was_training = model.training
     model.eval()
     starts = range(0, len(data), batch_size)
-    for start in tqdm(starts, desc="answer loss", unit="batch", disable=not progress):
+    for start in progress_bar(starts, desc="answer loss", unit="batch", progress=progress):
         batch = data.collate(range(start, min(start + batch_size, len(data))))
         logits = model(
             input_ids=batch["input_ids"].to(device),

@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from reciprune.errors import DataError
+from reciprune.progress import progress_bar
 
 DEFAULT_MAX_NEW_TOKENS = 512
 
@@ -124,7 +124,7 @@ def generate_answers(
     model.eval()
     records = []
     try:
-        for question in tqdm(questions, desc="mt-bench", unit="question", disable=not progress):
+        for question in progress_bar(questions, desc="mt-bench", unit="question", progress=progress):
             messages: list[dict[str, str]] = []
             answers: list[str] = []
             for turn in question["turns"]:

@@ -16,7 +16,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reciprune.core.layer_io import (
@@ -29,6 +28,7 @@ from reciprune.core.layer_io import (
 from reciprune.core.layers import find_decoder_layers
 from reciprune.data.calibration import separator_ids, token_stream
 from reciprune.errors import DataError
+from reciprune.progress import progress_bar
 
 IGNORE_INDEX = -100
 # Texts are tokenized in slices until the windows are covered, so a 16-window run does not
@@ -116,7 +116,7 @@ def perplexity(
     was_training = model.training
     model.eval()
     try:
-        bar = tqdm(total=len(spans), desc="perplexity", unit="window", disable=not progress)
+        bar = progress_bar(total=len(spans), desc="perplexity", unit="window", progress=progress)
         if placement is None:
             logits = _whole_model_logits(model, batches)
         else:

@@ -36,6 +36,7 @@ from reciprune.core.events import EventType
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.session import LifecycleSession, TrainingContext
 from reciprune.errors import ReciPruneError
+from reciprune.progress import progress_bar
 from reciprune.recipe.schema import Stage
 from reciprune.recipe.training import TrainingConfig
 
@@ -441,11 +442,9 @@ class Trainer:
             result.tokens = int(state.get("tokens", 0))
         self._pending: list[dict[str, Any]] = []
         self._bar = None
-        if self.progress and D.is_main_process():
-            from tqdm.auto import tqdm
-
-            self._bar = tqdm(total=self.total_steps, initial=start_step, desc="finetune",
-                             unit="step")  # fmt: skip
+        if D.is_main_process():
+            self._bar = progress_bar(total=self.total_steps, initial=start_step, desc="finetune",
+                                     unit="step", progress=self.progress)  # fmt: skip
         if resume_from is None and self.eval_data is not None:
             # The held-out loss before any update: the curve's starting point.
             result.evals.append({"step": 0, "eval_loss": self.evaluate()})

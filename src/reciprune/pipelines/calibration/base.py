@@ -17,13 +17,13 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from reciprune.core.layer_io import LayerStep
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.reconstruction import ReconstructionProbe
 from reciprune.core.session import LifecycleSession
 from reciprune.modifiers.base import Modifier
+from reciprune.progress import progress_bar
 
 Batch = dict[str, torch.Tensor]
 
@@ -98,8 +98,8 @@ class CalibrationPipeline(ABC):
     def layer_steps(self, model: nn.Module, label: str = "") -> Iterator[LayerStep]:
         """The decoder layers in order, behind a progress bar."""
         layers_name, layers = find_decoder_layers(model)
-        bar = tqdm(list(enumerate(layers)), desc=f"{self.description}{label}", unit="layer",
-                   disable=not self.progress)  # fmt: skip
+        bar = progress_bar(list(enumerate(layers)), desc=f"{self.description}{label}",
+                           unit="layer", progress=self.progress)  # fmt: skip
         for index, layer in bar:
             yield LayerStep(index, f"{layers_name}.{index}", layer)
 

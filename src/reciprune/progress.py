@@ -1,0 +1,86 @@
+"""Progress display: tqdm bars on a terminal, plain log lines everywhere else.
+
+A bar redraws itself with carriage returns, which a log file or a CI console keeps as one long
+line per bar; so bars are drawn only when stderr is a terminal and progress was not turned off,
+and long loops otherwise print a plain line to stderr every `PLAIN_EVERY_S` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+#: Seconds between two plain progress lines.
+PLAIN_EVERY_S = 30.0
+
+
+def bars_wanted(progress: bool) -> bool:
+    """Whether to draw bars: asked for, and stderr is a terminal."""
+    return progress and sys.stderr.isatty()
+
+
+def quiet_library_bars() -> None:
+    """Turn off the bars of transformers ("Loading weights", "Writing model shards"),
+    huggingface_hub and datasets, here and in the processes this one starts."""
+    os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by torchrun workers at import
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        import datasets
+    except ImportError:  # an optional dependency
+        return
+    datasets.disable_progress_bars()
+
+
+class PlainProgress:
+    """The part of tqdm's interface reciprune uses, printing `desc: n/total unit` lines."""
+
+    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str):
+        self.iterable, self.desc, self.unit, self.n = iterable, desc, unit, 0
+        self.total = total if total is not None else _length(iterable)
+        self.postfix = ""
+        self._last = time.monotonic()
+
+    def __iter__(self) -> Iterator:
+        for item in self.iterable or ():
+            yield item
+            self.update(1)
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self._last >= PLAIN_EVERY_S:
+            self._last = time.monotonic()
+            total = f"/{self.total}" if self.total is not None else ""
+            print(f"{self.desc}: {self.n}{total} {self.unit}{self.postfix}", file=sys.stderr,
+                  flush=True)  # fmt: skip
+
+    def set_postfix(self, **values: Any) -> None:
+        self.postfix = " (" + ", ".join(f"{k}={v}" for k, v in values.items()) + ")"
+
+    def close(self) -> None:
+        """Nothing to clear: plain lines stay as they are."""
+
+
+def _length(iterable: Iterable | None) -> int | None:
+    try:
+        return len(iterable)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def progress_bar(
+    iterable: Iterable | None = None, *, total: int | None = None, desc: str, unit: str,
+    progress: bool = True, initial: int = 0,
+) -> Any:
+    """A tqdm bar when `bars_wanted(progress)`, else a `PlainProgress` of the same loop."""
+    if bars_wanted(progress):
+        from tqdm.auto import tqdm
+
+        return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial)
+    plain = PlainProgress(iterable, total, desc, unit)
+    plain.n = initial
+    return plain
