@@ -197,3 +197,12 @@ def test_without_a_terminal_no_bar_reaches_the_log_only_plain_lines(
     assert "\r" not in log
     assert "Loading weights" not in log and "Writing model shards" not in log
     assert re.search(r": 2/2 layer", log) and re.search(r"perplexity: 2/2 window", log), log
+
+
+def test_mt_bench_answers_need_a_place_when_the_model_is_no_folder(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    questions = Path(__file__).resolve().parents[1] / "examples" / "mt_bench_questions.jsonl"
+    assert main(["eval", "--mt-bench-questions", str(questions), "--limit", "1",
+                 "--no-progress"]) == 2  # the embedded model: no folder of its own  # fmt: skip
+    assert "--mt-bench-answers" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # and nothing was written where the command ran

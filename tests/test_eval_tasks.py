@@ -323,8 +323,9 @@ def test_eval_command_writes_json_table_answers_and_model_dir_results(tmp_path, 
     assert set(report["results"]) == {"piqa", "asdiv_nll"}  # no perplexity unless asked
     row = next(line for line in printed.splitlines() if line.startswith("piqa"))
     assert f"{piqa['acc']:.4f}" in row and row.split()[1] == "acc"
-    answers = [json.loads(line) for line in (tmp_path / "model_answer" / "tiny.jsonl").read_text().splitlines()]
+    answers = [json.loads(line) for line in (folder / "model_answer" / "tiny.jsonl").read_text().splitlines()]
     assert len(answers) == 3 and report["mt_bench"]["num_questions"] == 3
+    assert not (tmp_path / "model_answer").exists()  # nothing lands in the current folder
     saved = json.loads((folder / "eval_results.json").read_text())
     assert saved["results"]["piqa"] == piqa
 

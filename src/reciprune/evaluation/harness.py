@@ -451,7 +451,7 @@ def _asdiv_nll_record(
 def _mt_bench_record(
     model: nn.Module, tokenizer: Any, questions: list[dict[str, Any]], *,
     questions_path: str | os.PathLike[str], answers_path: str | os.PathLike[str] | None,
-    model_id: str, max_new_tokens: int | None, progress: bool,
+    answers_dir: Path | None, model_id: str, max_new_tokens: int | None, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """Answer the MT-Bench `questions`, write the answers file and describe it."""
     from reciprune.evaluation import mt_bench as mt
@@ -461,7 +461,7 @@ def _mt_bench_record(
         model, tokenizer, questions, model_id=model_id,
         max_new_tokens=max_new_tokens or mt.DEFAULT_MAX_NEW_TOKENS, progress=progress,
     )  # fmt: skip
-    path = mt.write_answers(records, answers_path or Path("model_answer") / f"{model_id}.jsonl")
+    path = mt.write_answers(records, answers_path or answers_dir / f"{model_id}.jsonl")
     return {
         "questions": str(questions_path), "answers": str(path), "model_id": model_id,
         "num_questions": len(records), "max_new_tokens": max_new_tokens
@@ -513,7 +513,8 @@ def evaluate_model(
     length for `asdiv` (default 128). `ppl`: also measure perplexity, on "embedded" (the held-out
     passages) or a text file, over `ppl_samples` windows of `max_seq_length` tokens.
     `mt_bench_questions`: a FastChat question file to answer (`mt_bench`), written to
-    `mt_bench_answers` (default `model_answer/<model_id>.jsonl`); `limit` caps the questions.
+    `mt_bench_answers` (default `MODEL/model_answer/<model_id>.jsonl` for a model folder, else
+    required); `limit` caps the questions.
 
     Returns `{"model": …, "model_fingerprint": …, "settings": {…}, "results": {task: record}}`;
     a record holds metric values (`acc`, `acc_norm`, `exact_match`, `answer_nll`, `ppl`, … with
@@ -527,6 +528,9 @@ def evaluate_model(
         max_new_tokens=max_new_tokens, apply_chat_template=apply_chat_template, seed=seed,
         ppl=ppl, mt_bench_questions=mt_bench_questions,
     )  # fmt: skip
+    answers_dir = None
+    if mt_bench_questions is not None and mt_bench_answers is None:
+        answers_dir = _mt_bench_answers_dir(model)  # before any weights load
     model, tokenizer, spec, fingerprint = _model_for_eval(
         model, tokenizer, trust_remote_code, device, dtype
     )
@@ -543,7 +547,8 @@ def evaluate_model(
     if plan.questions is not None:
         mt_bench = _mt_bench_record(
             model, tokenizer, plan.questions, questions_path=mt_bench_questions,
-            answers_path=mt_bench_answers, model_id=model_id or _default_model_id(spec),
+            answers_path=mt_bench_answers, answers_dir=answers_dir,
+            model_id=model_id or _default_model_id(spec),
             max_new_tokens=max_new_tokens, progress=progress,
         )  # fmt: skip
     model.train(was_training)
@@ -552,6 +557,23 @@ def evaluate_model(
         "versions": _versions(), "results": results,
         **({"mt_bench": mt_bench} if mt_bench is not None else {}),
     }  # fmt: skip
+
+
+#: The folder of a model folder that receives its MT-Bench answers (FastChat's name).
+MT_BENCH_ANSWERS_DIR = "model_answer"
+
+
+def _mt_bench_answers_dir(model: Any) -> Path:
+    """MODEL/model_answer/ for a local model folder: answers stay with the model they come from,
+    never in whatever folder the command ran in. Other models need an explicit answers file."""
+    if isinstance(model, (str, os.PathLike)) and Path(model).is_dir():
+        return Path(model) / MT_BENCH_ANSWERS_DIR
+    raise ReciPruneError(
+        f"the model {model if isinstance(model, (str, os.PathLike)) else 'given'} is not a local "
+        "folder, so MT-Bench answers have no default place: pass --mt-bench-answers FILE (the "
+        "answers JSONL to write), or evaluate a saved model folder (answers then go to "
+        f"MODEL/{MT_BENCH_ANSWERS_DIR}/MODEL_ID.jsonl)."
+    )
 
 
 def _default_model_id(spec: str) -> str:

@@ -234,7 +234,7 @@ class EvalOptions(ComputeOptions):
     mt_bench_answers: str | None = option(
         None,
         "Where to write the MT-Bench answers JSONL (FastChat judge format; default "
-        "model_answer/MODEL_ID.jsonl).",
+        "MODEL/model_answer/MODEL_ID.jsonl when --model is a local folder, required otherwise).",
         metavar="FILE",
     )
     model_id: str | None = option(
