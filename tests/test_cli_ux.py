@@ -7,6 +7,7 @@ import argparse
 import json
 import re
 import shlex
+import warnings
 from pathlib import Path
 
 import pytest
@@ -206,3 +207,19 @@ def test_mt_bench_answers_need_a_place_when_the_model_is_no_folder(tmp_path, mon
                  "--no-progress"]) == 2  # the embedded model: no folder of its own  # fmt: skip
     assert "--mt-bench-answers" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # and nothing was written where the command ran
+
+
+def test_a_finetune_shorter_than_its_warmup_warns_and_says_what_happens(tiny_model_dir, text_files, tmp_path):
+    args = ["finetune", "--model", str(tiny_model_dir), "--dataset", str(text_files[0]),
+            "--max-seq-length", "16", "--per-device-train-batch-size", "2", "--eval-samples",
+            "2", "--learning-rate", "1e-3", "--no-eval-ppl", "--no-progress"]  # fmt: skip
+    with pytest.warns(UserWarning, match=r"warmup_steps=8 is longer than the 2 training steps.*"
+                      r"reaches only 2\.50e-04 \(25% of learning_rate=0\.001\)"):  # fmt: skip
+        assert main([*args, "--max-steps", "2", "--warmup-steps", "8", "--output-dir",
+                     str(tmp_path / "short")]) == 0  # fmt: skip
+    curve = json.loads((tmp_path / "short" / "reciprune_manifest.json").read_text())["loss_curve"]
+    assert curve[0]["lr"] == 0 and max(p["lr"] for p in curve) <= 2.5e-4  # as the warning says
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="warmup_steps")
+        assert main([*args, "--max-steps", "2", "--warmup-steps", "2", "--output-dir",
+                     str(tmp_path / "ok")]) == 0  # fmt: skip

@@ -21,6 +21,7 @@ import os
 import random
 import shutil
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -272,6 +273,21 @@ def load_training_checkpoint(
     return trainer_state
 
 
+def warn_short_training(config: TrainingConfig, steps: int) -> None:
+    """Warn when training ends inside its warmup: the schedule then never reaches the peak
+    learning rate (and its first step runs at 0), which looks like a run that does not learn."""
+    if config.warmup_steps <= steps:
+        return
+    peak = config.learning_rate * steps / config.warmup_steps
+    warnings.warn(
+        f"warmup_steps={config.warmup_steps} is longer than the {steps} training steps: the "
+        f"learning rate starts at 0 and reaches only {peak:.2e} ({steps / config.warmup_steps:.0%} "
+        f"of learning_rate={config.learning_rate:g}) on the last step, so the weights barely "
+        f"change. Lower warmup_steps (e.g. to {steps // 10}) or raise max_steps.",
+        stacklevel=2,
+    )
+
+
 def adamw(params: list[nn.Parameter], config: TrainingConfig, device: torch.device) -> Any:
     """AdamW; on CUDA the fused kernel (one launch for all parameters)."""
     kwargs = {"lr": config.learning_rate, "weight_decay": config.weight_decay}
@@ -360,6 +376,8 @@ class Trainer:
         self.session.start_training(self.optimizer)
         from transformers import get_scheduler
 
+        if D.is_main_process():
+            warn_short_training(self.config, self.total_steps)
         self.scheduler = get_scheduler(
             self.config.lr_scheduler_type,
             self.optimizer,
