@@ -82,6 +82,8 @@ def _check_command(command: str) -> list[str]:
 def test_help_examples_are_whole_commands_that_parse_and_name_existing_files(capsys):
     commands = _help_commands()
     assert len(commands) >= 8, commands  # the top-level epilog alone has eight
+    # A backslash continuation inside the Python string would join two lines with a gap.
+    assert not [c for c in commands if "  " in c], commands
     bad = {c: p for c in commands if (p := _check_command(c))}
     capsys.readouterr()  # argparse's own messages for the rejected ones
     assert not bad, bad
