@@ -178,24 +178,30 @@ def test_run_prints_each_stage_and_a_summary_and_compare_reads_the_run(
                                                   "recover_stage")  # fmt: skip
 
 
+@pytest.fixture(autouse=True)
+def _library_bars_back_on(monkeypatch):
+    """Commands turn the libraries' bars off for the process: each test starts with them on."""
+    from transformers.utils import logging as hf_logging
+
+    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # restored after the test
+    hf_logging.enable_progress_bar()
+    yield
+    hf_logging.enable_progress_bar()
+
+
 def test_without_a_terminal_no_bar_reaches_the_log_only_plain_lines(
     tiny_model_dir, text_files, tmp_path, capfd, monkeypatch
 ):
-    from transformers.utils import logging as hf_logging
-
     import reciprune.progress
 
-    monkeypatch.setenv("HF_HUB_DISABLE_PROGRESS_BARS", "0")  # restored after the test
     monkeypatch.setattr(reciprune.progress, "PLAIN_EVERY_S", 0.0)  # a line at every update
     capfd.readouterr()
-    try:  # progress is not turned off: stderr (captured) being no terminal is enough
-        assert main(["oneshot", "--recipe", "recipes/quickstart/wanda_50.yaml", "--model",
-                     str(tiny_model_dir), "--dataset", str(text_files[0]),
-                     "--num-calibration-samples", "4", "--calibration-seq-length", "16",
-                     "--ppl-file", str(text_files[1]), "--ppl-samples", "2", "--ppl-seq-length",
-                     "16", "--output-dir", str(tmp_path / "out")]) == 0  # fmt: skip
-    finally:
-        hf_logging.enable_progress_bar()
+    # Progress is not turned off: stderr (captured) being no terminal is enough.
+    assert main(["oneshot", "--recipe", "recipes/quickstart/wanda_50.yaml", "--model",
+                 str(tiny_model_dir), "--dataset", str(text_files[0]),
+                 "--num-calibration-samples", "4", "--calibration-seq-length", "16",
+                 "--ppl-file", str(text_files[1]), "--ppl-samples", "2", "--ppl-seq-length",
+                 "16", "--output-dir", str(tmp_path / "out")]) == 0  # fmt: skip
     log = capfd.readouterr().err
     assert "\r" not in log
     assert "Loading weights" not in log and "Writing model shards" not in log
