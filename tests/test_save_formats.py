@@ -159,3 +159,19 @@ def test_a_save_that_does_not_reload_as_saved_is_an_error_and_writes_nothing(
     assert "does not reload as saved" in err and "Nothing was written" in err
     assert "Traceback" not in err
     assert not [p for p in tmp_path.iterdir() if "bad" in p.name]  # no folder, hidden or not
+
+
+def test_run_save_format_flag_serves_finetune_stages_unless_they_set_their_own(tmp_path):
+    from reciprune.pipelines.jobs import RunJob
+    from reciprune.pipelines.multistage import _training_for
+    from reciprune.recipe import load_recipe
+    from reciprune.recipe.options import CalibrationOptions, OutputOptions
+
+    recipe = load_recipe(
+        "a: {run_type: finetune, training: {max_steps: 1}}\n"
+        "b: {run_type: finetune, training: {save_format: auto}}\n"
+    )
+    job = RunJob(recipe=recipe, output=OutputOptions(output_dir=tmp_path),
+                 calibration=CalibrationOptions(save_format="dense"))  # fmt: skip
+    assert _training_for(job, recipe.stages[0]).save_format == "dense"
+    assert _training_for(job, recipe.stages[1]).save_format == "auto"
