@@ -20,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reciprune.errors import ReciPruneError
 from reciprune.export.formats import SPARSITY_CONFIG_KEY, CheckpointContents, choose_format
+from reciprune.export.verify import verify_reload
 
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "reciprune_manifest.json"
@@ -87,8 +88,9 @@ def save_checkpoint(
 
     `contents` (what the modifiers produced: sparsity metadata, quantized modules) decides the
     weight format with `save_format` (`reciprune.export.formats`); the manifest gets the
-    format and the bytes of the weight files under `checkpoint`. `extra_files` (name → bytes,
-    e.g. a loss-curve PNG) are written beside them. `staging` is a folder from
+    format and the bytes of the weight files under `checkpoint`. A compressed format is reloaded
+    and compared with `model` before anything is renamed into place (`verify_reload`).
+    `extra_files` (name → bytes, e.g. a loss-curve PNG) are written beside them. `staging` is a folder from
     `staging_folder(output_dir)` that already holds what was written earlier (streamed weights).
     """
     output_dir = Path(output_dir).expanduser().absolute()
@@ -98,7 +100,10 @@ def save_checkpoint(
     tmp = staging if staging is not None else staging_folder(output_dir)
     old: Path | None = None
     try:
-        manifest = {**manifest, "checkpoint": writer.write(model, tmp, contents)}
+        checkpoint = writer.write(model, tmp, contents)
+        if writer.compressed:
+            verify_reload(model, tmp, checkpoint["format"])
+        manifest = {**manifest, "checkpoint": checkpoint}
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")

@@ -422,6 +422,7 @@ def _save(run, model, tokenizer, data, result, extra_files, base_quantization) -
         contents=CheckpointContents(
             sparsity=sparsity, quantized=any("quantization" in m.produces for m in modifiers)
         ),
+        save_format=run.config.save_format,
         overwrite=True,  # checked before training; a resumed run replaces nothing else
         extra_files={"loss_curve.png": loss_curve_png(result.history, result.evals), **extra_files},
     )

@@ -69,8 +69,9 @@ def resolve_teacher(
 
 def _training_for(job: RunJob, stage: Stage) -> TrainingConfig:
     values = stage.training.given() if stage.training else {}
-    if "dataset" in job.calibration.model_fields_set and "dataset" not in values:
-        values["dataset"] = job.calibration.dataset
+    for name in ("dataset", "save_format"):  # the flags of `run` serve every stage
+        if name in job.calibration.model_fields_set and name not in values:
+            values[name] = getattr(job.calibration, name)
     if job.run.distill_teacher is not None:
         values["distill_teacher"] = job.run.distill_teacher
     values["distill_teacher"] = resolve_teacher(

@@ -340,7 +340,9 @@ def _save(
         quantized=any("quantization" in m.produces for m in modifiers),
         streamed=written is not None,
     )
+    # One checkpoint for all the job's stages: the last stage's format is the one it is saved in.
+    save_format = job.stage_calibration(job.recipe.stages[-1]).save_format
     save_checkpoint(model, tokenizer, job.output.output_dir, recipe_yaml=recipe_yaml,
-                    manifest=manifest, contents=contents, overwrite=job.output.overwrite,
-                    staging=run.staging)  # fmt: skip
+                    manifest=manifest, contents=contents, save_format=save_format,
+                    overwrite=job.output.overwrite, staging=run.staging)  # fmt: skip
     return layers

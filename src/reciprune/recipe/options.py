@@ -95,7 +95,38 @@ class ComputeOptions(Options):
         return value.strip().lower()
 
 
-class CalibrationOptions(ComputeOptions):
+#: The names `--save-format` accepts (`reciprune.export.formats.choose_format` resolves them).
+SaveFormat = Literal["auto", "dense", "sparse-bitmask", "sparse-24-bitmask"]
+#: Why the sparse formats are refused: the installed libraries can neither write nor read them.
+SPARSE_FORMATS_UNAVAILABLE = (
+    "the installed compressed-tensors (0.20) no longer has the sparse-bitmask and "
+    "sparse-24-bitmask compressors (its ModelCompressor writes an empty sparsity_config) and "
+    "transformers 5 cannot load such checkpoints, so a model saved in them would not reload. Use "
+    "--save-format auto (or dense): the zeros are stored dense and described in config.json's "
+    "sparsity_config; to make a 2:4 model smaller on disk add a quantization scheme (e.g. W4A16, "
+    "saved as compressed-tensors pack-quantized)"
+)
+
+
+class SaveOptions(Options):
+    """How a stage's weights are written (recipe: a stage's `calibration:` or `training:`)."""
+
+    save_format: SaveFormat = option(
+        "auto",
+        "Weight format: auto (compressed-tensors' packed formats for quantized modules, dense "
+        "otherwise) or dense (quantized modules as dequantized floats). The sparse formats "
+        "are refused: compressed-tensors 0.20 dropped them.",
+    )
+
+    @field_validator("save_format")
+    @classmethod
+    def _check_save_format(cls, value: str) -> str:
+        if value.startswith("sparse-"):
+            raise ValueError(f"{value} is not available: {SPARSE_FORMATS_UNAVAILABLE}")
+        return value
+
+
+class CalibrationOptions(ComputeOptions, SaveOptions):
     """Calibration data of a oneshot stage (recipe: a oneshot stage's `calibration:`)."""
 
     dataset: str = option(

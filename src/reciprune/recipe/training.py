@@ -10,10 +10,10 @@ from typing import ClassVar, Literal
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
 
-from reciprune.recipe.options import Options
+from reciprune.recipe.options import SaveOptions
 
 
-class TrainingConfig(Options):
+class TrainingConfig(SaveOptions):
     """The options users know from Hugging Face TrainingArguments and the SparseML tutorials."""
 
     default_switch: ClassVar[str] = "both"

@@ -1,7 +1,12 @@
 """Checkpoint formats: one class per way of writing weights (see `base`).
 
-`choose_format` picks by name, or ("auto") the first in `FORMATS` whose `applies` accepts what
-the modifiers produced: compressed-tensors when modules are quantized, else dense.
+`choose_format` resolves a `--save-format` name against what the modifiers produced:
+- auto: compressed-tensors' packed formats (pack-quantized, float-quantized, ...) when modules
+  are quantized, dense otherwise (streamed: already written layer by layer);
+- dense: every weight as floats; quantized modules are stored dequantized with their
+  quantization_config (compressed-tensors' "dense" format);
+- sparse-bitmask, sparse-24-bitmask: refused when the options are read
+  (`reciprune.recipe.options.SPARSE_FORMATS_UNAVAILABLE`), and here again for direct callers.
 """
 
 from __future__ import annotations
@@ -11,25 +16,17 @@ from reciprune.export.formats.base import CheckpointContents, CheckpointFormat
 from reciprune.export.formats.dense import SPARSITY_CONFIG_KEY, DenseFormat
 from reciprune.export.formats.quantized import QuantizedFormat
 from reciprune.export.formats.streamed import StreamedDenseFormat
+from reciprune.recipe.options import SPARSE_FORMATS_UNAVAILABLE
 
-FORMATS: dict[str, type[CheckpointFormat]] = {
-    cls.name: cls for cls in (QuantizedFormat, StreamedDenseFormat, DenseFormat)
-}
-__all__ = ["FORMATS", "SPARSITY_CONFIG_KEY", "CheckpointContents", "CheckpointFormat", "choose_format"]
+__all__ = ["SPARSITY_CONFIG_KEY", "CheckpointContents", "CheckpointFormat", "choose_format"]
 
 
 def choose_format(contents: CheckpointContents, name: str = "auto") -> CheckpointFormat:
-    """The format called `name`, or the first that applies to `contents` ("auto")."""
-    if name == "auto":
-        return next(cls for cls in FORMATS.values() if cls.applies(contents))()
-    if name not in FORMATS:
-        raise ReciPruneError(
-            f"unknown save format {name!r}; choose one of: auto, {', '.join(FORMATS)}."
-        )
-    if not FORMATS[name].applies(contents):
-        raise ReciPruneError(
-            f"save format {name!r} cannot store this model "
-            f"({'quantized' if contents.quantized else 'not quantized'}); use auto."
-        )
-    return FORMATS[name]()
-
+    """The writer for `--save-format name` and `contents`, or a ReciPruneError saying why not."""
+    if name.startswith("sparse-"):
+        raise ReciPruneError(f"save format {name} is not available: {SPARSE_FORMATS_UNAVAILABLE}.")
+    if name not in ("auto", "dense"):
+        raise ReciPruneError(f"unknown save format {name!r}; choose auto or dense.")
+    if contents.quantized:
+        return QuantizedFormat(packed=name == "auto")
+    return StreamedDenseFormat() if contents.streamed else DenseFormat()

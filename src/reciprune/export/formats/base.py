@@ -26,11 +26,9 @@ class CheckpointFormat(ABC):
     """Writes the model's weights and config.json into a (temporary) folder."""
 
     name: ClassVar[str]
-
-    @classmethod
-    @abstractmethod
-    def applies(cls, contents: CheckpointContents) -> bool:
-        """Whether "auto" may choose this format for `contents`."""
+    #: The stored weights are not the model's own tensors (packed, compressed): the folder is
+    #: reloaded and compared with the model before it is renamed into place.
+    compressed: ClassVar[bool] = False
 
     @abstractmethod
     def write(self, model: PreTrainedModel, folder: Path, contents: CheckpointContents) -> dict:

@@ -31,10 +31,6 @@ class DenseFormat(CheckpointFormat):
 
     name = "dense"
 
-    @classmethod
-    def applies(cls, contents: CheckpointContents) -> bool:
-        return not contents.quantized and not contents.streamed
-
     def write(self, model: PreTrainedModel, folder: Path, contents: CheckpointContents) -> dict:
         model.save_pretrained(folder)
         add_sparsity_metadata(folder, contents.sparsity)

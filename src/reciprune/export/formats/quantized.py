@@ -13,19 +13,22 @@ from reciprune.export.formats.dense import add_sparsity_metadata
 class QuantizedFormat(CheckpointFormat):
     """Modules with a `quantization_scheme` (QuantizationModifier) are compressed in place by
     compressed-tensors (the model decompresses itself on its next forward) and config.json gets
-    their `quantization_config`."""
+    their `quantization_config`. `packed`: the format compressed-tensors infers from each scheme
+    (pack-quantized for int4, ...); otherwise its "dense" format (dequantized floats)."""
 
     name = "compressed-tensors"
+    compressed = True
 
-    @classmethod
-    def applies(cls, contents: CheckpointContents) -> bool:
-        return contents.quantized
+    def __init__(self, packed: bool = True) -> None:
+        self.packed = packed
 
     def write(self, model: PreTrainedModel, folder: Path, contents: CheckpointContents) -> dict:
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.offload import as_single_threaded
 
-        compressor = ModelCompressor.from_pretrained_model(model)
+        compressor = ModelCompressor.from_pretrained_model(
+            model, quantization_format=None if self.packed else "dense"
+        )
         # Under torch.distributed compressed-tensors shares the work between processes, but
         # only the main process saves: compress here alone, or it waits for the others.
         with as_single_threaded():

@@ -17,10 +17,6 @@ class StreamedDenseFormat(CheckpointFormat):
 
     name = "dense-streamed"
 
-    @classmethod
-    def applies(cls, contents: CheckpointContents) -> bool:
-        return contents.streamed and not contents.quantized
-
     def write(self, model: PreTrainedModel, folder: Path, contents: CheckpointContents) -> dict:
         model.config.save_pretrained(folder)
         if model.can_generate() and model.generation_config is not None:
