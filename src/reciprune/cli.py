@@ -498,11 +498,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     # bitsandbytes warns on import (through peft/transformers) that an optional speed-up kernel
     # package is missing, on every command; its CPU 4-bit path works without it.
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    output_dir = getattr(args, "output_dir", None)
+    had_output = output_dir is not None and Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
     try:
         return COMMANDS[args.command](args)
     except ReciPruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Outputs are renamed into place only when complete, so an interrupt leaves nothing new.
+        kept = "; previous output kept" if had_output else ""
+        print(f"interrupted; nothing was written{kept}", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

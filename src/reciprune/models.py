@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -58,6 +59,11 @@ class ModelSource:
     def is_gguf(self) -> bool:
         """True when `path` is a single .gguf file (loaded through the conversion cache)."""
         return self.path.endswith(".gguf") and Path(self.path).is_file()
+
+
+# What transformers and safetensors raise on a missing, damaged or unknown checkpoint: a truncated,
+# header-corrupt, zero-byte or random `.safetensors` raises SafetensorError, not OSError.
+LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
 
 
 def cache_root() -> Path:
@@ -178,6 +184,7 @@ def resolve_model(spec: str | None) -> ModelSource:
                 "(config.json + *.safetensors)."
             )
         resolved = local.resolve()
+        check_weight_files(resolved)
         return ModelSource(spec, str(resolved), _folder_fingerprint(resolved))
     if _looks_local(spec):
         raise ModelLoadError(
@@ -185,6 +192,20 @@ def resolve_model(spec: str | None) -> ModelSource:
             "path, or pass a hub id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'."
         )
     return ModelSource(spec, spec, _hub_fingerprint(spec))
+
+
+def check_weight_files(folder: Path) -> None:
+    """Open every `.safetensors` header in `folder` (no tensor data is read), so a truncated,
+    header-corrupt, zero-byte or random file fails here with its name, before any work starts."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"weight file {path} is damaged or not a safetensors file ({exc}). It may be "
+                "truncated by an interrupted download or copy: download or save the model again."
+            ) from None
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
@@ -291,7 +312,7 @@ def load_model(
                 where, dtype=dtype, trust_remote_code=trust_remote_code,
                 **(_dequantized(where) if dequantize else {}),
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise (_load_error(source, exc) if _is_local(source) else _hub_error(source, exc)) from exc
     model.eval()
     return model, tokenizer, source
@@ -330,7 +351,7 @@ def load_model_skeleton(
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise _load_error(source, exc) from exc
     _check_stored_names(model, reader, source)
     return model.eval(), tokenizer, source, reader
@@ -377,5 +398,5 @@ def load_config(spec: str | None) -> PretrainedConfig:
             gguf = Path(source.path)
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         return AutoConfig.from_pretrained(source.path)
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise (_load_error(source, exc) if _is_local(source) else _hub_error(source, exc)) from exc

@@ -50,8 +50,47 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=_json_default) + "\n"
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder unless `overwrite`; called before any work starts."""
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_not_the_model(output_dir: Path, model: str | None) -> None:
+    if model is None or not Path(model).expanduser().is_dir():
+        return
+    model_dir = Path(model).expanduser().resolve()
+    target = output_dir.resolve()
+    if target == model_dir or model_dir in target.parents:
+        raise ReciPruneError(
+            f"--output-dir {output_dir} is the model folder {model_dir} or inside it; saving there "
+            "would replace or mix with the model being read. Choose an --output-dir outside the "
+            "model folder."
+        )
+
+
+def _check_writable(output_dir: Path) -> None:
+    # Checked on the nearest existing folder, so a bad path fails before any weights load and
+    # without creating anything.
+    existing = _first_existing(output_dir.parent)
+    if not existing.is_dir():
+        raise ReciPruneError(
+            f"cannot create --output-dir {output_dir}: {existing} is a file, not a folder. Choose "
+            "an --output-dir whose parent folders can be created."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ReciPruneError(
+            f"cannot write --output-dir {output_dir}: the folder {existing} is not writable "
+            "(read-only file system or permissions). Choose a writable --output-dir."
+        )
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, model: str | None = None) -> None:
+    """Refuse a file, a non-empty folder unless `overwrite`, a folder that cannot be written, and
+    the `model` folder or a folder inside it; called before any work starts."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    _check_not_the_model(output_dir, model)
+    _check_writable(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ReciPruneError(
             f"output path {output_dir} exists and is a file, not a folder. Choose another "

@@ -138,7 +138,7 @@ def _check(job: OneshotJob) -> _OneshotRun:
             f"this recipe has finetune stage(s) {finetune}; `reciprune oneshot` runs oneshot "
             "stages only: pass --stage NAME to run one of its oneshot stages"
         )
-    check_output_dir(job.output.output_dir, job.output.overwrite)
+    check_output_dir(job.output.output_dir, job.output.overwrite, job.model.model)
     source = resolve_model(job.model.model)  # a bad path fails here
     first = job.stage_calibration(job.recipe.stages[0])
     device = resolve_device(first.device)

@@ -99,9 +99,25 @@ def _read_source(source: str | Path) -> tuple[str, str]:
         raise RecipeError(f"{path}: cannot read the recipe ({exc}).") from exc
 
 
+# A recipe is a few hundred values; an "alias bomb" (anchors of anchors) expands to billions,
+# which an error message echoing the value would print.
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """How many values `value` holds once every alias is expanded (shared parts counted once each
+    time they are referenced, each computed once)."""
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in sizes:
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = 1 + sum(_expanded_size(item, sizes) for item in items)
+    return sizes[id(value)]
+
+
 def _safe_load(text: str, origin: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = [origin]
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
@@ -117,6 +133,14 @@ def _safe_load(text: str, origin: str) -> Any:
                 "(`SparseGPTModifier: {sparsity: 0.5}`) instead of a `!Tag`."
             )
         raise _fail(where, f"invalid YAML: {detail}. {hint}") from None
+    if _expanded_size(data, {}) > MAX_EXPANDED_VALUES:
+        raise _fail(
+            [origin],
+            f"the YAML expands to more than {MAX_EXPANDED_VALUES:,} values through its anchors and "
+            "aliases (&name / *name). A recipe needs a few hundred: write the values out, or use "
+            "fewer nested alias references.",
+        )
+    return data
 
 
 # normalising the three forms -------------------------------------------------------------------
