@@ -211,19 +211,32 @@ def check_weight_files(folder: Path) -> None:
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
     return ModelLoadError(
         f"could not load model {source.spec!r}: it is not a local folder, not a .gguf file, and "
-        f"the Hugging Face Hub could not provide it ({type(exc).__name__}: {exc}). Without network "
+        f"the Hugging Face Hub could not provide it ({type(exc).__name__}: {_first_line(exc)}). "
+        "Without network "
         "access, pass a local model folder or a .gguf file with --model, or leave --model out to "
         f"use the embedded default ({DEFAULT_MODEL})."
     )
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    """The first line of a library's error, cut to `limit` characters: the rest is advice about
+    upgrading or filing issues that would bury what to fix here."""
+    line = str(exc).strip().split("\n", 1)[0]
+    return line if len(line) <= limit else line[:limit] + "…"
 
 
 def _load_error(source: ModelSource, exc: Exception) -> ModelLoadError:
     hint = ""
     if "trust_remote_code" in str(exc):
         hint = " This model needs its own code: pass --trust-remote-code if you trust its author."
+    elif "does not recognize this architecture" in str(exc):
+        hint = (
+            " The model_type in its config.json is not one this transformers version knows: "
+            "check the spelling of model_type, or upgrade transformers."
+        )
     return ModelLoadError(
         f"could not load model {source.spec!r} from {source.path} "
-        f"({type(exc).__name__}: {exc}).{hint}"
+        f"({type(exc).__name__}: {_first_line(exc)}).{hint}"
     )
 
 

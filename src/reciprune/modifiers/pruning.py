@@ -15,7 +15,7 @@ from reciprune.algorithms.wanda import wanda_scores
 from reciprune.core.events import Event, EventType
 from reciprune.core.targets import validate_target_syntax, weight_matrix
 from reciprune.errors import RecipeError
-from reciprune.modifiers.targeted import TargetedModifier
+from reciprune.modifiers.targeted import TargetedModifier, misfit_modules
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession
@@ -153,6 +153,22 @@ class PruningModifier(TargetedModifier):
                 )
         return self
 
+    def check_targets(self, modules: dict[str, nn.Module]) -> None:
+        """Raise a RecipeError naming the modules whose input size is not a multiple of M under
+        an N:M mask_structure, with the `ignore` entry that skips them."""
+        _n, m = parse_mask_structure(self.mask_structure)
+        if not m:
+            return
+        sizes = {name: weight_matrix(module).shape[1] for name, module in modules.items()}
+        bad = {name: size for name, size in sizes.items() if size % m}
+        if bad:
+            listed, ignore = misfit_modules(bad)
+            raise RecipeError(
+                f"{self.type_name()}: mask_structure '{self.mask_structure}' needs an input size "
+                f"that is a multiple of {m}, which {len(bad)} module(s) do not have: {listed}. "
+                f"Leave them dense with {ignore} (or their names), or use unstructured sparsity."
+            )
+
     @property
     def needs_profile(self) -> bool:
         return self.sparsity_profile == "owl"
@@ -164,6 +180,7 @@ class PruningModifier(TargetedModifier):
     # wiring ----------------------------------------------------------------------------------
     def on_initialize(self, session: LifecycleSession) -> None:
         super().on_initialize(session)
+        self.check_targets(self.targeted_modules())
         self._outlier_ratios: dict[int, float] = {}
         self._layer_sparsity: dict[int, float] = {}
         self._layer_n: dict[int, int] = {}
