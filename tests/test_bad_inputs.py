@@ -184,3 +184,57 @@ def test_bad_input_fails_cleanly(path: Path, tmp_path, monkeypatch, tiny_llama, 
     assert _snapshot(setup.model) == model_before, "the model folder changed"
     if out_before is not None:
         assert _snapshot(setup.out) == out_before, "the previous output changed"
+
+
+# the output path ----------------------------------------------------------------------------
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_a_second_run_into_a_locked_output_fails_at_once(tmp_path, capsys) -> None:
+    from reciprune.outputs import output_lock
+
+    out, recipe = tmp_path / "out", tmp_path / "recipe.yaml"
+    recipe.write_text(SPARSEGPT_50)
+    with output_lock(out):
+        # A model that does not exist would fail later; the lock must be what stops this run.
+        status = main(["oneshot", "--recipe", str(recipe), "--model", str(tmp_path / "nowhere"),
+                       "--output-dir", str(out)])  # fmt: skip
+        err = capsys.readouterr().err
+        assert status == 2 and "is writing" in err and f"process {os.getpid()}" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipe.yaml"], "lock file removed"
+
+
+def test_stale_hidden_folders_of_a_dead_writer_are_cleaned_with_a_note(tmp_path, capsys) -> None:
+    from reciprune.outputs import clean_stale_siblings
+
+    out, dead, live = tmp_path / "out", _dead_pid(), os.getpid()
+    for kind, pid in (("tmp", dead), ("old", dead), ("tmp", live)):
+        (tmp_path / f".out.{kind}-{pid}-abc").mkdir()
+    (tmp_path / f".out.old-{dead}-abc" / "config.json").write_text("{}")
+    clean_stale_siblings(out)
+    err = capsys.readouterr().err
+    # The dead writer's previous checkpoint was stranded between two renames: it is put back.
+    assert (out / "config.json").read_text() == "{}" and "restored" in err
+    assert f"removed {tmp_path / f'.out.tmp-{dead}-abc'}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".out.tmp-{live}-abc", "out"]
+
+
+def test_saved_files_and_folder_follow_the_umask(tmp_path, tiny_llama, tiny_tokenizer) -> None:
+    from reciprune.export.save import save_checkpoint
+
+    previous = os.umask(0o022)
+    try:
+        out = save_checkpoint(tiny_llama(), tiny_tokenizer, tmp_path / "out", recipe_yaml="",
+                              manifest={})  # fmt: skip
+    finally:
+        os.umask(previous)
+    assert out.stat().st_mode & 0o777 == 0o755
+    assert {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()} == dict.fromkeys(
+        (p.name for p in out.iterdir()), 0o644
+    )

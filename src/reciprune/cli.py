@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import Any
 from reciprune import __version__
 from reciprune.cli_options import add_options, given_flags, options_from
 from reciprune.errors import ReciPruneError
+from reciprune.outputs import output_lock
 from reciprune.pipelines.jobs import FinetuneJob, Job, OneshotJob, RunJob, RunOptions
 from reciprune.recipe.options import (
     CalibrationOptions,
@@ -501,7 +503,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     output_dir = getattr(args, "output_dir", None)
     had_output = output_dir is not None and Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
     try:
-        return COMMANDS[args.command](args)
+        writes = output_dir is not None and args.command in ("oneshot", "finetune", "run")
+        with output_lock(output_dir) if writes else contextlib.nullcontext():
+            return COMMANDS[args.command](args)
     except ReciPruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

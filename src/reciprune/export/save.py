@@ -11,7 +11,6 @@ import enum
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reciprune.errors import ReciPruneError
 from reciprune.export.formats import SPARSITY_CONFIG_KEY, CheckpointContents, choose_format
+from reciprune.outputs import apply_umask, sibling_folder
 
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "reciprune_manifest.json"
@@ -105,8 +105,7 @@ def check_output_dir(output_dir: Path, overwrite: bool, model: str | None = None
 
 def staging_folder(output_dir: Path) -> Path:
     """A new hidden sibling folder of `output_dir` that `save_checkpoint` renames into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    return sibling_folder(output_dir, "tmp")
 
 
 def save_checkpoint(
@@ -144,10 +143,11 @@ def save_checkpoint(
         (tmp / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
+        apply_umask(tmp)
         if output_dir.is_dir() and any(output_dir.iterdir()):
             # Checked again here: the folder may have been filled while we were writing.
             check_output_dir(output_dir, overwrite)
-            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
+            old = sibling_folder(output_dir, "old")
             os.replace(output_dir, old)
         os.replace(tmp, output_dir)  # replaces a missing or empty folder in one step
     except BaseException:
