@@ -209,12 +209,14 @@ def check_weight_files(folder: Path) -> None:
 
 
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
+    # "B/doesnotexist" reads as a hub id; the user may have meant a relative folder.
+    local = Path(source.spec).expanduser().absolute()
     return ModelLoadError(
-        f"could not load model {source.spec!r}: it is not a local folder, not a .gguf file, and "
-        f"the Hugging Face Hub could not provide it ({type(exc).__name__}: {_first_line(exc)}). "
-        "Without network "
-        "access, pass a local model folder or a .gguf file with --model, or leave --model out to "
-        f"use the embedded default ({DEFAULT_MODEL})."
+        f"could not load model {source.spec!r}: there is no local folder {local}, so it was read "
+        "as a Hugging Face Hub id, and the Hub could not provide it "
+        f"({type(exc).__name__}: {_first_line(exc)}). Check the path; without network access, "
+        "pass a local model folder or a .gguf file with --model, or leave --model out to use the "
+        f"embedded default ({DEFAULT_MODEL})."
     )
 
 
@@ -331,7 +333,17 @@ def load_model(
     return model, tokenizer, source
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _tokenizer(where: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    folder = Path(where)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model folder {where} has no tokenizer ({', '.join(TOKENIZER_FILES)}). Save it with "
+            "the model (tokenizer.save_pretrained(folder)), or copy the tokenizer files of the "
+            "model it came from into that folder."
+        )
     tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Right-padded batches need some pad id; it is always masked out by attention_mask.

@@ -9,6 +9,7 @@ Only `yaml.safe_load` reads YAML, and nothing here touches model weights.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -673,7 +674,7 @@ def _message(cls: type[Modifier], raw: _RawModifier, error: dict[str, Any]) -> s
     if kind in ("value_error", "assertion_error"):
         return message
     value = error.get("input")
-    got = "" if isinstance(value, Mapping) and kind != "union" else f" (got {value!r})"
+    got = "" if isinstance(value, Mapping) and kind != "union" else f" (got {_echo(value)})"
     field_name = str(error["loc"][0]) if error["loc"] else ""
     info = cls.model_fields.get(field_name)
     label = field_name
@@ -681,6 +682,15 @@ def _message(cls: type[Modifier], raw: _RawModifier, error: dict[str, Any]) -> s
         label = f"{written} (now {field_name})"
     described = f" {label}: {info.description}" if info is not None and info.description else ""
     return f"{message}{got}.{described}"
+
+
+def _echo(value: Any, limit: int = 200) -> str:
+    """`repr(value)` cut to `limit` characters: an error repeats what was written, never pages
+    of it (a value built from YAML aliases can be gigabytes long)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _plain_message(error: Mapping[str, Any]) -> str:
