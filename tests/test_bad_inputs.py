@@ -135,6 +135,9 @@ MAKERS: dict[str, Callable[[Setup], None]] = {
     "inf_weights": _set_first_up_proj(float("inf")),
     "interrupt_load": _interrupt("transformers.AutoModelForCausalLM.from_pretrained"),
     "interrupt_save": _interrupt("reciprune.export.save.dump_json"),
+    "interrupt_calibration": _interrupt(
+        "reciprune.pipelines.calibration.layerwise.LayerwisePipeline.walk"
+    ),
 }
 
 

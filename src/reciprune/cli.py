@@ -489,6 +489,20 @@ COMMANDS = {
 }
 
 
+def _interrupted(output_dir: str | None, had_output: bool) -> str:
+    """The one line Ctrl-C prints: outputs are renamed into place only when complete, so nothing
+    new is there; fine-tuning's resumable checkpoints (beside the output) are kept on purpose."""
+    kept = "; previous output kept" if had_output else ""
+    line = f"interrupted; nothing was written{kept}"
+    if output_dir is not None:
+        from reciprune.pipelines.finetune import checkpoint_root
+
+        checkpoints = checkpoint_root(Path(output_dir).expanduser().absolute())
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            line += f"; training checkpoints in {checkpoints} kept: rerun with --resume to continue"
+    return line
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `reciprune` console script; returns the exit status."""
     parser = build_parser()
@@ -510,9 +524,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        # Outputs are renamed into place only when complete, so an interrupt leaves nothing new.
-        kept = "; previous output kept" if had_output else ""
-        print(f"interrupted; nothing was written{kept}", file=sys.stderr)
+        print(_interrupted(output_dir, had_output), file=sys.stderr)
         return 130
 
 
