@@ -133,6 +133,9 @@ MAKERS: dict[str, Callable[[Setup], None]] = {
     "width_66": lambda s: _save_tiny(s, intermediate_size=66),
     "nan_weights": _set_first_up_proj(float("nan")),
     "inf_weights": _set_first_up_proj(float("inf")),
+    "huge_weights": lambda s: _rewrite_weights(
+        s, lambda t: t["model.layers.0.mlp.up_proj.weight"].fill_(1e38)
+    ),
     "interrupt_load": _interrupt("transformers.AutoModelForCausalLM.from_pretrained"),
     "interrupt_save": _interrupt("reciprune.export.save.dump_json"),
     "interrupt_calibration": _interrupt(

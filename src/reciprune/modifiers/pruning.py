@@ -14,7 +14,7 @@ from reciprune.algorithms.owl import outlier_ratio, owl_layer_nm, owl_layer_spar
 from reciprune.algorithms.wanda import wanda_scores
 from reciprune.core.events import Event, EventType
 from reciprune.core.targets import validate_target_syntax, weight_matrix
-from reciprune.errors import RecipeError
+from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.targeted import TargetedModifier, misfit_modules
 
 if TYPE_CHECKING:
@@ -257,7 +257,7 @@ class PruningModifier(TargetedModifier):
         elif event.type == EventType.LAYER_CALIBRATED:
             n, m = self.structure_for(event.layer_index)
             with torch.no_grad():
-                masks = self.prune_layer(session, event.layer_index, modules)
+                masks = self._prune_or_explain(session, event.layer_index, modules)
             for name, keep in masks.items():
                 session.records[name].update(
                     method=self.type_name(),
@@ -274,6 +274,16 @@ class PruningModifier(TargetedModifier):
         """Ask for the input statistics `prune_module` reads."""
         for module in modules.values():
             session.statistics.track(module, hessian=self.needs_hessian)
+
+    def _prune_or_explain(
+        self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
+        try:
+            return self.prune_layer(session, layer_index, modules)
+        except ValueError as exc:  # the algorithms' own message (e.g. a Hessian not invertible)
+            raise ReciPruneError(
+                f"pruning {', '.join(modules)} (decoder layer {layer_index}) failed: {exc}."
+            ) from None
 
     def prune_layer(
         self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]

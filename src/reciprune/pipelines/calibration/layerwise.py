@@ -64,9 +64,10 @@ class LayerwisePipeline(CalibrationPipeline):
         device = self.placement.device
         for item in inputs:
             kwargs = {k: to_device(v, device) for k, v in item.kwargs.items()}
-            output = step.layer(item.hidden.to(device, non_blocking=True), **kwargs)
+            output = _finite(layer_output(step.layer(item.hidden.to(device, non_blocking=True),
+                                                     **kwargs)), step)  # fmt: skip
             if propagate:
-                item.hidden = store_activations(_finite(layer_output(output), step), storage)
+                item.hidden = store_activations(output, storage)
 
     # the walk ----------------------------------------------------------------------------
     def calibrate(self, session: LifecycleSession, batches: list[Batch] | None) -> None:
