@@ -4,6 +4,10 @@ A case names a `maker` below (what to break), the command line (with {model}, {o
 {calib} filled in), the expected exit status and a substring of the message. Every case must
 end in that status with a one-paragraph message on stderr, no traceback, no new file or folder
 (visible or hidden) beside the output, and any previous output byte-for-byte untouched.
+Optional fields: `recipe` (a key of RECIPES), `previous_output: true` (an output folder exists
+before the run), `stream: out` (the message is on stdout), `creates_output: true` (a warning case
+whose run completes).
+SHOW_BAD_INPUT_MESSAGES=1 (with -s) prints each case's stderr, to read the messages whole.
 """
 
 from __future__ import annotations
