@@ -98,7 +98,7 @@ def test_jsonl_rows_are_truncated_and_right_padded(tmp_path: Path, tiny_tokenize
         assert bool(row[length:].eq(tiny_tokenizer.pad_token_id).all())
     again = load_calibration(str(path), tiny_tokenizer, num_samples=10, max_seq_length=16, seed=0)
     assert data.fingerprint == again.fingerprint
-    with pytest.warns(UserWarning, match="29 usable rows; 50 were requested"):
+    with pytest.raises(DataError, match="29 usable rows, but 50 calibration samples"):
         load_calibration(str(path), tiny_tokenizer, num_samples=50, max_seq_length=16)
 
 

@@ -68,7 +68,7 @@ def test_hub_id_offline_explains_what_to_pass() -> None:
     assert source == ModelSource(
         "some-org/not-a-cached-model", "some-org/not-a-cached-model", source.fingerprint
     )
-    with pytest.raises(ModelLoadError, match="not a local folder, not a .gguf file"):
+    with pytest.raises(ModelLoadError, match="there is no local folder .* read as a Hugging Face Hub id"):
         load_model("some-org/not-a-cached-model")
     with pytest.raises(ModelLoadError, match="local model folder or a .gguf"):
         load_config("some-org/not-a-cached-model")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ from typing import Any
 from reciprune import __version__
 from reciprune.cli_options import add_options, given_flags, options_from
 from reciprune.errors import ReciPruneError
+from reciprune.outputs import output_lock
 from reciprune.pipelines.jobs import FinetuneJob, Job, OneshotJob, RunJob, RunOptions
 from reciprune.progress import bars_wanted, quiet_library_bars
 from reciprune.recipe.options import (
@@ -519,6 +521,18 @@ COMMANDS = {
 
 #: Commands that load models (and so may draw the libraries' progress bars).
 _MODEL_COMMANDS = ("oneshot", "finetune", "run", "eval")
+def _interrupted(output_dir: str | None, had_output: bool) -> str:
+    """The one line Ctrl-C prints: outputs are renamed into place only when complete, so nothing
+    new is there; fine-tuning's resumable checkpoints (beside the output) are kept on purpose."""
+    kept = "; previous output kept" if had_output else ""
+    line = f"interrupted; nothing was written{kept}"
+    if output_dir is not None:
+        from reciprune.pipelines.finetune import checkpoint_root
+
+        checkpoints = checkpoint_root(Path(output_dir).expanduser().absolute())
+        if checkpoints.is_dir() and any(checkpoints.iterdir()):
+            line += f"; training checkpoints in {checkpoints} kept: rerun with --resume to continue"
+    return line
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -534,11 +548,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     if args.command in _MODEL_COMMANDS and not bars_wanted(getattr(args, "progress", True)):
         quiet_library_bars()
+    output_dir = getattr(args, "output_dir", None)
+    had_output = output_dir is not None and Path(output_dir).is_dir() and any(Path(output_dir).iterdir())
     try:
-        return COMMANDS[args.command](args)
+        writes = output_dir is not None and args.command in ("oneshot", "finetune", "run")
+        with output_lock(output_dir) if writes else contextlib.nullcontext():
+            return COMMANDS[args.command](args)
     except ReciPruneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(output_dir, had_output), file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -58,6 +59,11 @@ class ModelSource:
     def is_gguf(self) -> bool:
         """True when `path` is a single .gguf file (loaded through the conversion cache)."""
         return self.path.endswith(".gguf") and Path(self.path).is_file()
+
+
+# What transformers and safetensors raise on a missing, damaged or unknown checkpoint: a truncated,
+# header-corrupt, zero-byte or random `.safetensors` raises SafetensorError, not OSError.
+LOAD_ERRORS = (OSError, ValueError, KeyError, SafetensorError)
 
 
 def cache_root() -> Path:
@@ -178,6 +184,7 @@ def resolve_model(spec: str | None) -> ModelSource:
                 "(config.json + *.safetensors)."
             )
         resolved = local.resolve()
+        check_weight_files(resolved)
         return ModelSource(spec, str(resolved), _folder_fingerprint(resolved))
     if _looks_local(spec):
         raise ModelLoadError(
@@ -187,22 +194,51 @@ def resolve_model(spec: str | None) -> ModelSource:
     return ModelSource(spec, spec, _hub_fingerprint(spec))
 
 
+def check_weight_files(folder: Path) -> None:
+    """Open every `.safetensors` header in `folder` (no tensor data is read), so a truncated,
+    header-corrupt, zero-byte or random file fails here with its name, before any work starts."""
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(path, framework="pt"):
+                pass
+        except (SafetensorError, OSError) as exc:
+            raise ModelLoadError(
+                f"weight file {path} is damaged or not a safetensors file ({exc}). It may be "
+                "truncated by an interrupted download or copy: download or save the model again."
+            ) from None
+
+
 def _hub_error(source: ModelSource, exc: Exception) -> ModelLoadError:
+    # "B/doesnotexist" reads as a hub id; the user may have meant a relative folder.
+    local = Path(source.spec).expanduser().absolute()
     return ModelLoadError(
-        f"could not load model {source.spec!r}: it is not a local folder, not a .gguf file, and "
-        f"the Hugging Face Hub could not provide it ({type(exc).__name__}: {exc}). Without network "
-        "access, pass a local model folder or a .gguf file with --model, or leave --model out to "
-        f"use the embedded default ({DEFAULT_MODEL})."
+        f"could not load model {source.spec!r}: there is no local folder {local}, so it was read "
+        "as a Hugging Face Hub id, and the Hub could not provide it "
+        f"({type(exc).__name__}: {_first_line(exc)}). Check the path; without network access, "
+        "pass a local model folder or a .gguf file with --model, or leave --model out to use the "
+        f"embedded default ({DEFAULT_MODEL})."
     )
+
+
+def _first_line(exc: Exception, limit: int = 300) -> str:
+    """The first line of a library's error, cut to `limit` characters: the rest is advice about
+    upgrading or filing issues that would bury what to fix here."""
+    line = str(exc).strip().split("\n", 1)[0]
+    return line if len(line) <= limit else line[:limit] + "…"
 
 
 def _load_error(source: ModelSource, exc: Exception) -> ModelLoadError:
     hint = ""
     if "trust_remote_code" in str(exc):
         hint = " This model needs its own code: pass --trust-remote-code if you trust its author."
+    elif "does not recognize this architecture" in str(exc):
+        hint = (
+            " The model_type in its config.json is not one this transformers version knows: "
+            "check the spelling of model_type, or upgrade transformers."
+        )
     return ModelLoadError(
         f"could not load model {source.spec!r} from {source.path} "
-        f"({type(exc).__name__}: {exc}).{hint}"
+        f"({type(exc).__name__}: {_first_line(exc)}).{hint}"
     )
 
 
@@ -291,13 +327,23 @@ def load_model(
                 where, dtype=dtype, trust_remote_code=trust_remote_code,
                 **(_dequantized(where) if dequantize else {}),
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise (_load_error(source, exc) if _is_local(source) else _hub_error(source, exc)) from exc
     model.eval()
     return model, tokenizer, source
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
 def _tokenizer(where: str, trust_remote_code: bool) -> PreTrainedTokenizerBase:
+    folder = Path(where)
+    if folder.is_dir() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelLoadError(
+            f"model folder {where} has no tokenizer ({', '.join(TOKENIZER_FILES)}). Save it with "
+            "the model (tokenizer.save_pretrained(folder)), or copy the tokenizer files of the "
+            "model it came from into that folder."
+        )
     tokenizer = AutoTokenizer.from_pretrained(where, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         # Right-padded batches need some pad id; it is always masked out by attention_mask.
@@ -330,7 +376,7 @@ def load_model_skeleton(
             model = AutoModelForCausalLM.from_config(
                 config, dtype=dtype, trust_remote_code=trust_remote_code
             )
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise _load_error(source, exc) from exc
     _check_stored_names(model, reader, source)
     return model.eval(), tokenizer, source, reader
@@ -377,5 +423,5 @@ def load_config(spec: str | None) -> PretrainedConfig:
             gguf = Path(source.path)
             return AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
         return AutoConfig.from_pretrained(source.path)
-    except (OSError, ValueError, KeyError) as exc:
+    except LOAD_ERRORS as exc:
         raise (_load_error(source, exc) if _is_local(source) else _hub_error(source, exc)) from exc

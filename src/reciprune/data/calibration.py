@@ -11,7 +11,6 @@ one sample per row, truncated and right-padded; pre-tokenized data (`input_ids`)
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -307,6 +306,16 @@ def _from_raw_text(
     )
 
 
+def _require_samples(source: str, found: int, num_samples: int, what: str) -> None:
+    # The same rule as a .txt too short for its windows: fewer samples than asked is an error, so
+    # a run never calibrates on less data than its recipe and flags say.
+    if found < num_samples:
+        raise DataError(
+            f"{source} has {found} {what}, but {num_samples} calibration samples were requested. "
+            "Provide more data, or lower --num-calibration-samples."
+        )
+
+
 def _from_pretokenized(
     dataset: Any,
     tokenizer: PreTrainedTokenizerBase,
@@ -337,10 +346,7 @@ def _from_pretokenized(
     if masks is not None:
         for row, i in enumerate(keep):
             attention_mask[row, : len(masks[i])] = torch.as_tensor(masks[i], dtype=torch.long)
-    if len(ids) < num_samples:
-        warnings.warn(
-            f"{source} has {len(ids)} samples; {num_samples} were requested", stacklevel=3
-        )
+    _require_samples(source, len(ids), num_samples, "pre-tokenized rows")
     return CalibrationData(
         input_ids, attention_mask, _fingerprint(source, input_ids, attention_mask), source
     )
@@ -386,14 +392,28 @@ def _from_rows(
     rows = rows[:num_samples]
     if not rows:
         raise DataError(f"{source} has no non-empty text rows. {_WHAT_TO_DO}")
-    if len(rows) < num_samples:
-        warnings.warn(
-            f"{source} has {len(rows)} usable rows; {num_samples} were requested", stacklevel=3
-        )
+    _require_samples(source, len(rows), num_samples, "usable rows")
     input_ids, attention_mask = _pad_rows(rows, _pad_id(tokenizer))
     return CalibrationData(
         input_ids, attention_mask, _fingerprint(source, input_ids, attention_mask), source
     )
+
+
+def read_text_file(path: Path) -> str:
+    """A .txt file's text; binary bytes (not UTF-8, or NUL bytes) are an error, not text."""
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text, reason = "", f"byte {exc.start} is not UTF-8"
+    else:
+        reason = "it holds NUL bytes" if "\x00" in text else ""
+    if reason:
+        raise DataError(
+            f"{path} is not a UTF-8 text file ({reason}); a .txt file is read as raw text. "
+            "Convert it to UTF-8 text, or pass a .jsonl/.json/.parquet file of rows."
+        )
+    return text
 
 
 def _local_path(spec: str) -> Path:
@@ -459,7 +479,7 @@ def load_calibration(
         )
     path = _local_path(dataset)
     if path.is_file() and path.suffix.lower() == ".txt":
-        text = path.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(path)
         return _from_raw_text([text], tokenizer, source=dataset, seed=seed, **common)
     return _from_rows(
         _read_rows(path, dataset),
@@ -477,7 +497,7 @@ def load_eval_texts(path: str | None, *, text_field: str | None = None) -> list[
         return embedded_heldout_texts()
     local = _local_path(path)
     if local.is_file() and local.suffix.lower() == ".txt":
-        text = local.read_text(encoding="utf-8", errors="replace")
+        text = read_text_file(local)
         if not text.strip():
             raise DataError(f"evaluation file {path!r} is empty.")
         return [text]

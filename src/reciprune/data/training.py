@@ -54,6 +54,7 @@ from reciprune.data.calibration import (
     _pad_id,
     _read_registry,
     _read_rows,
+    read_text_file,
     row_formatter,
     separator_ids,
     token_stream,
@@ -579,7 +580,7 @@ def load_training_data(
     else:
         path, source = _local_path(dataset), dataset
         if path.is_file() and path.suffix.lower() == ".txt":
-            rows = [{"text": path.read_text(encoding="utf-8", errors="replace")}]
+            rows = [{"text": read_text_file(path)}]
         else:
             rows = _read_rows(path, dataset)
     if len(rows) == 0:

@@ -11,7 +11,6 @@ import enum
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from reciprune.errors import ReciPruneError
 from reciprune.export.formats import SPARSITY_CONFIG_KEY, CheckpointContents, choose_format
 from reciprune.export.verify import verify_reload
+from reciprune.outputs import apply_umask, sibling_folder
 
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "reciprune_manifest.json"
@@ -51,8 +51,47 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=_json_default) + "\n"
 
 
-def check_output_dir(output_dir: Path, overwrite: bool) -> None:
-    """Refuse a file, or a non-empty folder unless `overwrite`; called before any work starts."""
+def _first_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_not_the_model(output_dir: Path, model: str | None) -> None:
+    if model is None or not Path(model).expanduser().is_dir():
+        return
+    model_dir = Path(model).expanduser().resolve()
+    target = output_dir.resolve()
+    if target == model_dir or model_dir in target.parents:
+        raise ReciPruneError(
+            f"--output-dir {output_dir} is the model folder {model_dir} or inside it; saving there "
+            "would replace or mix with the model being read. Choose an --output-dir outside the "
+            "model folder."
+        )
+
+
+def _check_writable(output_dir: Path) -> None:
+    # Checked on the nearest existing folder, so a bad path fails before any weights load and
+    # without creating anything.
+    existing = _first_existing(output_dir.parent)
+    if not existing.is_dir():
+        raise ReciPruneError(
+            f"cannot create --output-dir {output_dir}: {existing} is a file, not a folder. Choose "
+            "an --output-dir whose parent folders can be created."
+        )
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ReciPruneError(
+            f"cannot write --output-dir {output_dir}: the folder {existing} is not writable "
+            "(read-only file system or permissions). Choose a writable --output-dir."
+        )
+
+
+def check_output_dir(output_dir: Path, overwrite: bool, model: str | None = None) -> None:
+    """Refuse a file, a non-empty folder unless `overwrite`, a folder that cannot be written, and
+    the `model` folder or a folder inside it; called before any work starts."""
+    output_dir = Path(output_dir).expanduser().absolute()
+    _check_not_the_model(output_dir, model)
+    _check_writable(output_dir)
     if output_dir.exists() and not output_dir.is_dir():
         raise ReciPruneError(
             f"output path {output_dir} exists and is a file, not a folder. Choose another "
@@ -67,8 +106,7 @@ def check_output_dir(output_dir: Path, overwrite: bool) -> None:
 
 def staging_folder(output_dir: Path) -> Path:
     """A new hidden sibling folder of `output_dir` that `save_checkpoint` renames into place."""
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.tmp-"))
+    return sibling_folder(output_dir, "tmp")
 
 
 def save_checkpoint(
@@ -110,10 +148,11 @@ def save_checkpoint(
         (tmp / MANIFEST_FILE).write_text(dump_json(manifest), encoding="utf-8")
         for name, content in (extra_files or {}).items():
             (tmp / name).write_bytes(content)
+        apply_umask(tmp)
         if output_dir.is_dir() and any(output_dir.iterdir()):
             # Checked again here: the folder may have been filled while we were writing.
             check_output_dir(output_dir, overwrite)
-            old = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=f".{output_dir.name}.old-"))
+            old = sibling_folder(output_dir, "old")
             os.replace(output_dir, old)
         os.replace(tmp, output_dir)  # replaces a missing or empty folder in one step
     except BaseException:

@@ -14,8 +14,8 @@ from reciprune.algorithms.owl import outlier_ratio, owl_layer_nm, owl_layer_spar
 from reciprune.algorithms.wanda import wanda_scores
 from reciprune.core.events import Event, EventType
 from reciprune.core.targets import validate_target_syntax, weight_matrix
-from reciprune.errors import RecipeError
-from reciprune.modifiers.targeted import TargetedModifier
+from reciprune.errors import RecipeError, ReciPruneError
+from reciprune.modifiers.targeted import TargetedModifier, misfit_modules
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession
@@ -153,6 +153,22 @@ class PruningModifier(TargetedModifier):
                 )
         return self
 
+    def check_targets(self, modules: dict[str, nn.Module]) -> None:
+        """Raise a RecipeError naming the modules whose input size is not a multiple of M under
+        an N:M mask_structure, with the `ignore` entry that skips them."""
+        _n, m = parse_mask_structure(self.mask_structure)
+        if not m:
+            return
+        sizes = {name: weight_matrix(module).shape[1] for name, module in modules.items()}
+        bad = {name: size for name, size in sizes.items() if size % m}
+        if bad:
+            listed, ignore = misfit_modules(bad)
+            raise RecipeError(
+                f"{self.type_name()}: mask_structure '{self.mask_structure}' needs an input size "
+                f"that is a multiple of {m}, which {len(bad)} module(s) do not have: {listed}. "
+                f"Leave them dense with {ignore} (or their names), or use unstructured sparsity."
+            )
+
     @property
     def needs_profile(self) -> bool:
         return self.sparsity_profile == "owl"
@@ -164,6 +180,7 @@ class PruningModifier(TargetedModifier):
     # wiring ----------------------------------------------------------------------------------
     def on_initialize(self, session: LifecycleSession) -> None:
         super().on_initialize(session)
+        self.check_targets(self.targeted_modules())
         self._outlier_ratios: dict[int, float] = {}
         self._layer_sparsity: dict[int, float] = {}
         self._layer_n: dict[int, int] = {}
@@ -240,7 +257,7 @@ class PruningModifier(TargetedModifier):
         elif event.type == EventType.LAYER_CALIBRATED:
             n, m = self.structure_for(event.layer_index)
             with torch.no_grad():
-                masks = self.prune_layer(session, event.layer_index, modules)
+                masks = self._prune_or_explain(session, event.layer_index, modules)
             for name, keep in masks.items():
                 session.records[name].update(
                     method=self.type_name(),
@@ -257,6 +274,16 @@ class PruningModifier(TargetedModifier):
         """Ask for the input statistics `prune_module` reads."""
         for module in modules.values():
             session.statistics.track(module, hessian=self.needs_hessian)
+
+    def _prune_or_explain(
+        self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
+        try:
+            return self.prune_layer(session, layer_index, modules)
+        except ValueError as exc:  # the algorithms' own message (e.g. a Hessian not invertible)
+            raise ReciPruneError(
+                f"pruning {', '.join(modules)} (decoder layer {layer_index}) failed: {exc}."
+            ) from None
 
     def prune_layer(
         self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]

@@ -35,7 +35,7 @@ from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
 from reciprune.modifiers.registry import register_modifier
-from reciprune.modifiers.targeted import TargetedModifier
+from reciprune.modifiers.targeted import TargetedModifier, misfit_modules
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationScheme
@@ -214,16 +214,14 @@ class QuantizationModifier(TargetedModifier):
         if not bad:
             return
         sizes = sorted({g for _, g in bad.values()})
-        listed = ", ".join(f"{n} (in {i})" for n, (i, _) in list(bad.items())[:6])
-        more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
-        leaves = sorted({n.rsplit(".", 1)[-1] for n in bad})
+        listed, ignore = misfit_modules({n: i for n, (i, _) in bad.items()})
         fits = math.gcd(*in_sizes)
         fitting = [g for g in (128, 64, 32, 16) if fits % g == 0]
         hint = f" or a group_size that divides every input size (e.g. {fitting[0]})" if fitting else ""
         raise RecipeError(
             f"{self.type_name()}: group_size {'/'.join(map(str, sizes))} does not divide the "
-            f"input size of {len(bad)} module(s): {listed}{more}. Leave them unquantized with "
-            f"ignore: ['re:.*\\.({'|'.join(leaves)})$'] (or their names){hint}."
+            f"input size of {len(bad)} module(s): {listed}. Leave them unquantized with "
+            f"{ignore} (or their names){hint}."
         )
 
     def on_initialize(self, session: LifecycleSession) -> None:

@@ -67,3 +67,12 @@ class TargetedModifier(Modifier):
         """Raise a RecipeError when the selected modules (full name → module) cannot take this
         modifier's settings, e.g. a shape they need; `reciprune recipe check` calls it on the
         model built from its config (meta tensors). Nothing to check by default."""
+
+
+def misfit_modules(bad: dict[str, int]) -> tuple[str, str]:
+    """For modules whose input size (full name → in_features) a setting cannot take: a short
+    listing of them, and the `ignore:` entry that leaves them alone."""
+    listed = ", ".join(f"{name} (in {size})" for name, size in list(bad.items())[:6])
+    more = f" and {len(bad) - 6} more" if len(bad) > 6 else ""
+    leaves = sorted({name.rsplit(".", 1)[-1] for name in bad})
+    return f"{listed}{more}", f"ignore: ['re:.*\\.({'|'.join(leaves)})$']"

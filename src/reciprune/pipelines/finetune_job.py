@@ -155,7 +155,7 @@ def _check_checkpoints(run: _FinetuneRun) -> None:
                 "every --save-steps steps; run without --resume to start from the beginning."
             )
         return
-    check_output_dir(run.output_dir, run.job.output.overwrite)
+    check_output_dir(run.output_dir, run.job.output.overwrite, run.job.model.model)
     if checkpoints.exists() and any(checkpoints.iterdir()):
         if not run.job.output.overwrite:
             raise ReciPruneError(

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from reciprune.errors import ReciPruneError
 from reciprune.export.manifest import build_manifest
-from reciprune.export.save import MANIFEST_FILE
+from reciprune.export.save import MANIFEST_FILE, check_output_dir
 from reciprune.files import write_text_atomic
 from reciprune.models import DEFAULT_MODEL, resolve_model
 from reciprune.pipelines.jobs import FinetuneJob, OneshotJob, RunJob
@@ -38,6 +38,9 @@ def _complete(folder: Path) -> bool:
 
 def _check_output(job: RunJob) -> None:
     out = job.output.output_dir
+    # The model folder and an unwritable path are refused as for a single stage; whether a
+    # non-empty folder may be reused (--resume) is decided below.
+    check_output_dir(out, overwrite=True, model=job.model.model)
     if out.exists() and not out.is_dir():
         raise ReciPruneError(f"output path {out} is a file. Choose another --output-dir.")
     if out.is_dir() and any(out.iterdir()) and not (job.output.resume or job.output.overwrite):

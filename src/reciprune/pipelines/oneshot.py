@@ -10,6 +10,7 @@ for (`export.formats`).
 from __future__ import annotations
 
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,11 +139,13 @@ def _check(job: OneshotJob) -> _OneshotRun:
             f"this recipe has finetune stage(s) {finetune}; `reciprune oneshot` runs oneshot "
             "stages only: pass --stage NAME to run one of its oneshot stages"
         )
-    check_output_dir(job.output.output_dir, job.output.overwrite)
+    check_output_dir(job.output.output_dir, job.output.overwrite, job.model.model)
     source = resolve_model(job.model.model)  # a bad path fails here
     first = job.stage_calibration(job.recipe.stages[0])
     device = resolve_device(first.device)
     config = load_config(job.model.model)
+    for stage in job.recipe.stages:
+        warn_beyond_positions(job.stage_calibration(stage).max_seq_length, config)
     dtype = resolve_dtype(first.dtype, device, config)
     fits = _fits_in_memory(source.path, dtype)
     pipelines = {}
@@ -164,6 +167,17 @@ def _check(job: OneshotJob) -> _OneshotRun:
         _check_streaming(job)
     run.load_eval_texts()
     return run
+
+
+def warn_beyond_positions(max_seq_length: int, config: Any) -> None:
+    """Warn when calibration windows are longer than the positions the model was trained on:
+    rotary models run but see positions they never learned; learned-position models fail."""
+    positions = getattr(config, "max_position_embeddings", None)
+    if isinstance(positions, int) and max_seq_length > positions:
+        print(f"warning: --max-seq-length {max_seq_length} is longer than the model's "
+              f"{positions} positions (max_position_embeddings); calibration statistics beyond "
+              f"them are unreliable. Use --max-seq-length {positions} or less.",
+              file=sys.stderr)  # fmt: skip
 
 
 def check_oneshot_stage(stage: Stage, calibration: Any) -> None:

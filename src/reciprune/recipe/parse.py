@@ -9,6 +9,7 @@ Only `yaml.safe_load` reads YAML, and nothing here touches model weights.
 from __future__ import annotations
 
 import difflib
+import reprlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,9 +100,25 @@ def _read_source(source: str | Path) -> tuple[str, str]:
         raise RecipeError(f"{path}: cannot read the recipe ({exc}).") from exc
 
 
+# A recipe is a few hundred values; an "alias bomb" (anchors of anchors) expands to billions,
+# which an error message echoing the value would print.
+MAX_EXPANDED_VALUES = 100_000
+
+
+def _expanded_size(value: Any, sizes: dict[int, int]) -> int:
+    """How many values `value` holds once every alias is expanded (shared parts counted once each
+    time they are referenced, each computed once)."""
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in sizes:
+        items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+        sizes[id(value)] = 1 + sum(_expanded_size(item, sizes) for item in items)
+    return sizes[id(value)]
+
+
 def _safe_load(text: str, origin: str) -> Any:
     try:
-        return yaml.safe_load(text)
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         where = [origin]
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
@@ -117,6 +134,14 @@ def _safe_load(text: str, origin: str) -> Any:
                 "(`SparseGPTModifier: {sparsity: 0.5}`) instead of a `!Tag`."
             )
         raise _fail(where, f"invalid YAML: {detail}. {hint}") from None
+    if _expanded_size(data, {}) > MAX_EXPANDED_VALUES:
+        raise _fail(
+            [origin],
+            f"the YAML expands to more than {MAX_EXPANDED_VALUES:,} values through its anchors and "
+            "aliases (&name / *name). A recipe needs a few hundred: write the values out, or use "
+            "fewer nested alias references.",
+        )
+    return data
 
 
 # normalising the three forms -------------------------------------------------------------------
@@ -649,7 +674,7 @@ def _message(cls: type[Modifier], raw: _RawModifier, error: dict[str, Any]) -> s
     if kind in ("value_error", "assertion_error"):
         return message
     value = error.get("input")
-    got = "" if isinstance(value, Mapping) and kind != "union" else f" (got {value!r})"
+    got = "" if isinstance(value, Mapping) and kind != "union" else f" (got {_echo(value)})"
     field_name = str(error["loc"][0]) if error["loc"] else ""
     info = cls.model_fields.get(field_name)
     label = field_name
@@ -657,6 +682,15 @@ def _message(cls: type[Modifier], raw: _RawModifier, error: dict[str, Any]) -> s
         label = f"{written} (now {field_name})"
     described = f" {label}: {info.description}" if info is not None and info.description else ""
     return f"{message}{got}.{described}"
+
+
+def _echo(value: Any, limit: int = 200) -> str:
+    """`repr(value)` cut to `limit` characters: an error repeats what was written, never pages
+    of it (a value built from YAML aliases can be gigabytes long)."""
+    short = reprlib.Repr()
+    short.maxstring = short.maxother = limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _plain_message(error: Mapping[str, Any]) -> str:

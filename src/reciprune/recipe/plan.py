@@ -78,6 +78,10 @@ def _changed_settings(modifier: Modifier) -> str:
         value = getattr(modifier, name)
         if value != info.get_default(call_default_factory=True):
             items.append(f"{name}={_show(value)}")
+    if isinstance(modifier, PruningModifier) and "sparsity" not in modifier.model_fields_set:
+        if modifier.mask_structure == "unstructured":
+            # The field has a default; a plan must still say how much will be pruned.
+            items.insert(0, f"sparsity={_show(modifier.sparsity)} (default)")
     return ", ".join(items)
 
 

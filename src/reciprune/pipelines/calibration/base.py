@@ -22,6 +22,7 @@ from reciprune.core.layer_io import LayerStep
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.reconstruction import ReconstructionProbe
 from reciprune.core.session import LifecycleSession
+from reciprune.errors import ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.progress import progress_bar
 
@@ -102,6 +103,19 @@ class CalibrationPipeline(ABC):
                            unit="layer", progress=self.progress)  # fmt: skip
         for index, layer in bar:
             yield LayerStep(index, f"{layers_name}.{index}", layer)
+
+    @staticmethod
+    def check_finite_weights(step: LayerStep) -> None:
+        """Refuse a layer whose weights hold NaN or Inf: the Hessian's Cholesky fails on them, or
+        worse, compression succeeds and saves a model that outputs NaN."""
+        for name, param in step.layer.named_parameters():
+            if param.device.type != "meta" and not bool(torch.isfinite(param).all()):
+                bad = int((~torch.isfinite(param)).sum())
+                raise ReciPruneError(
+                    f"{step.layer_name}.{name} has {bad} non-finite (NaN or Inf) values in the model's "
+                    "weights; compressing it would give a NaN model. Repair or re-download the "
+                    "checkpoint, or add that module to the modifier's `ignore:` list."
+                )
 
     def timed(self, key: str, since: float) -> float:
         """Add the seconds since `since` to timings[key]; returns now."""

@@ -25,6 +25,7 @@ class DataFreePipeline(CalibrationPipeline):
         self.timings["compress"] = 0.0
         for step in self.layer_steps(session.model):
             self.placement.fetch(step)
+            self.check_finite_weights(step)
             t0 = time.perf_counter()
             session.event(EventType.LAYER_START, **vars(step))
             session.event(EventType.LAYER_CALIBRATED, **vars(step))

@@ -64,9 +64,10 @@ class LayerwisePipeline(CalibrationPipeline):
         device = self.placement.device
         for item in inputs:
             kwargs = {k: to_device(v, device) for k, v in item.kwargs.items()}
-            output = step.layer(item.hidden.to(device, non_blocking=True), **kwargs)
+            output = _finite(layer_output(step.layer(item.hidden.to(device, non_blocking=True),
+                                                     **kwargs)), step)  # fmt: skip
             if propagate:
-                item.hidden = store_activations(layer_output(output), storage)
+                item.hidden = store_activations(output, storage)
 
     # the walk ----------------------------------------------------------------------------
     def calibrate(self, session: LifecycleSession, batches: list[Batch] | None) -> None:
@@ -105,6 +106,7 @@ class LayerwisePipeline(CalibrationPipeline):
         for step in self.layer_steps(session.model, " (profile)" if profile else ""):
             t0 = time.perf_counter()
             self.placement.fetch(step)
+            self.check_finite_weights(step)
             t0 = self.timed("onload", t0)
             if profile:  # statistics and the next layer's inputs from one forward
                 session.event(EventType.PROFILE_LAYER_START, **vars(step))
@@ -122,3 +124,14 @@ class LayerwisePipeline(CalibrationPipeline):
                 t0 = self.timed("propagate", t0)
             self.placement.release(step, changed=not profile)
             self.timed("offload", t0)
+
+
+def _finite(hidden: torch.Tensor, step: LayerStep) -> torch.Tensor:
+    # Finite weights can still overflow (fp16, huge inputs); the next layer would compress on NaN.
+    if not bool(torch.isfinite(hidden).all()):
+        raise ReciPruneError(
+            f"{step.layer_name} produced non-finite (NaN or Inf) activations on the calibration data. "
+            "Use --dtype float32 or bfloat16 if the model runs in float16, or check the model "
+            "with `reciprune eval` before compressing it."
+        )
+    return hidden
