@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_VOCAB
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from reciprune import cli
-from reciprune.core.targets import weight_matrix
-
-from conftest import TINY_VOCAB
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "phi3",
                  "opt", "gpt_neox", "gpt2", "falcon"]  # fmt: skip
