@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import reciprune
+from reciprune.core.experts import ExpertSlice, attach_expert_slices
 from reciprune.core.targets import is_linear_like, weight_matrix
 from reciprune.models import ModelSource
 
@@ -259,13 +260,14 @@ DECODER_SPARSITY_WARN_FRACTION = 0.9
 
 
 def _decoder_weights(model: nn.Module, weights: WeightSource) -> dict[str, torch.Tensor]:
-    """Every Linear-like weight but the output head, plus fused 3-D expert weights (Mixtral,
-    Qwen3-MoE in transformers 5 keep each layer's experts in one [E, out, in] parameter)."""
-    found = {name: weights(name, module) for name, module in _default_modules(model).items()}
-    for name, parameter in model.named_parameters():
-        if parameter.dim() == 3 and ".experts." in f".{name}" and not parameter.is_meta:
-            found[name] = parameter.detach()
-    return found
+    """Every Linear-like weight but the output head, each expert of fused 3-D expert weights
+    (Mixtral, Qwen3-MoE in transformers 5) as its own matrix."""
+    attach_expert_slices(model)
+    return {
+        name: weight_matrix(module) if isinstance(module, ExpertSlice) else weights(name, module)
+        for name, module in _default_modules(model).items()
+        if not (isinstance(module, ExpertSlice) and module.weight.is_meta)
+    }
 
 
 def sparsity_metrics(
