@@ -13,6 +13,8 @@ from conftest import TINY_VOCAB
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from reciprune import cli
+from reciprune.core.experts import attach_expert_slices
+from reciprune.core.targets import is_linear_like, weight_matrix
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "phi3",
                  "opt", "gpt_neox", "gpt2", "falcon"]  # fmt: skip
@@ -53,6 +55,9 @@ RECIPES = {
     "      targets: [Linear]\n      config_groups:\n        g:\n          targets: [Linear]\n"
     "          weights: {num_bits: 4, type: int, strategy: group, group_size: 32, symmetric: true}\n",
 }
+#: Relative logit error bounds over the dense model; measured maxima over the 12 types: 0.58,
+#: 0.83 and 0.20.
+BOUND = {"sparsegpt_50": 0.7, "wanda_2of4": 1.0, "gptq_w4a16": 0.3}
 FINETUNE_RECIPE = """
 finetune_stage:
   run_type: finetune
@@ -80,13 +85,13 @@ def arch_dir(tmp_path, tiny_tokenizer):
     return make
 
 
-def _oneshot(recipe: Path, model: Path, out: Path, calibration: Path) -> None:
+def _oneshot(recipe: Path, model: Path, out: Path, calibration: Path) -> int:
     code = cli.main([
         "oneshot", "--recipe", str(recipe), "--model", str(model), "--dataset", str(calibration),
         "--num-calibration-samples", "4", "--max-seq-length", "32", "--no-eval-ppl",
         "--no-progress", "--output-dir", str(out),
     ])  # fmt: skip
-    assert code == 0
+    return code
 
 
 def _logits(model_dir: Path) -> torch.Tensor:
@@ -96,17 +101,48 @@ def _logits(model_dir: Path) -> torch.Tensor:
         return model(ids).logits
 
 
+def _decoder_matrices(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every weight matrix of the reloaded decoder, one per expert for fused experts."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    attach_expert_slices(model)
+    head = model.get_output_embeddings()
+    return {
+        name: weight_matrix(module)
+        for name, module in model.named_modules()
+        if is_linear_like(module) and module is not head
+    }
+
+
+def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
+    return float((logits - reference).norm() / reference.norm())
+
+
 @pytest.mark.parametrize("method", sorted(RECIPES))
 @pytest.mark.parametrize("model_type", ARCHITECTURES)
 def test_every_architecture_compresses_reloads_and_agrees(
-    model_type, method, arch_dir, text_files, tmp_path
+    model_type, method, arch_dir, text_files, tmp_path, capsys
 ):
+    if (model_type, method) == ("falcon", "gptq_w4a16"):
+        pytest.xfail("transformers 5.25 Falcon's _init_weights reads .weight of the packed int4 "
+                     "Linears while loading a compressed-tensors checkpoint (AttributeError)")
     model = arch_dir(model_type)
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(RECIPES[method])
     out = tmp_path / "out"
-    _oneshot(recipe, model, out, text_files[0])
-    manifest = json.loads((out / "reciprune_manifest.json").read_text())
-    print(model_type, method, manifest.get("metrics"))
-    logits = _logits(out)
+    if method == "gptq_w4a16" and model_type == "gpt2":
+        # compressed-tensors packs nn.Linear only; GPT-2's Conv1D is refused with what to do.
+        assert _oneshot(recipe, model, out, text_files[0]) == 2
+        assert "Conv1D; add it to ignore" in capsys.readouterr().err and not out.exists()
+        return
+    assert _oneshot(recipe, model, out, text_files[0]) == 0
+    metrics = json.loads((out / "reciprune_manifest.json").read_text())["metrics"]
+    if method != "gptq_w4a16":
+        assert metrics["decoder_sparsity"] == pytest.approx(0.5, abs=0.01)
+        assert metrics["targeted_sparsity"] == pytest.approx(0.5, abs=0.01)
+        for name, matrix in _decoder_matrices(out).items():  # experts included, after reload
+            assert (matrix == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
+    logits, dense = _logits(out), _logits(model)
     assert torch.isfinite(logits).all()
+    # Pruned or 4-bit random weights move the logits, never by orders of magnitude (a head
+    # quantized without its scales on reload was off by ~1e10).
+    assert _relative_error(logits, dense) < BOUND[method], _relative_error(logits, dense)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -16,6 +17,7 @@ from reciprune.algorithms.observers import (
     stored_qparams_on_grid,
 )
 from reciprune.core.events import Event, EventType
+from reciprune.core.experts import ExpertSlice
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.quantization_schemes import (
     SCHEMES,
@@ -246,6 +248,7 @@ class QuantizationModifier(TargetedModifier):
         self._targets: dict[int, dict[str, nn.Module]] = {}
         for index, layer in enumerate(layers):
             found = resolve_targets(layer, self.targets, self.ignore, prefix=f"{layers_name}.{index}")
+            found = self._without_experts(found)
             if found:
                 self._targets[index] = found
         self._head = self._named_head(session.model)
@@ -285,6 +288,20 @@ class QuantizationModifier(TargetedModifier):
                 "quantized weights; put the pruning modifier first"
             )
         return selected
+
+    def _without_experts(self, found: dict[str, nn.Module]) -> dict[str, nn.Module]:
+        """Fused 3-D expert weights stay in their dtype: compressed-tensors packs nn.Linear
+        weights only, and a checkpoint with per-expert packed weights does not reload."""
+        experts = [name for name, module in found.items() if isinstance(module, ExpertSlice)]
+        if experts and not getattr(self, "_told_experts", False):
+            self._told_experts = True
+            print(
+                f"note: {self.type_name()} leaves the mixture-of-experts weights unquantized "
+                "(compressed-tensors packs nn.Linear weights only; fused 3-D experts would "
+                "not reload)",
+                file=sys.stderr,
+            )
+        return {name: module for name, module in found.items() if name not in experts}
 
     def _named_head(self, model: nn.Module) -> dict[str, nn.Module]:
         """The output head when a target is its exact name (never through a class or regex)."""

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from transformers import PreTrainedModel
 
+from reciprune.core.experts import ExpertSlice, is_fused_experts
 from reciprune.core.targets import is_linear_like
 from reciprune.export.formats.base import CheckpointContents, CheckpointFormat, weight_bytes
 from reciprune.export.formats.dense import add_sparsity_metadata
@@ -32,7 +33,9 @@ class QuantizedFormat(CheckpointFormat):
         # only the main process saves: compress here alone, or it waits for the others.
         with as_single_threaded():
             compressor.compress_model(model)
-        model.save_pretrained(folder)
+        # Fused mixture-of-experts weights are written as they are in memory: transformers
+        # loads a quantized checkpoint without converting per-expert names back.
+        model.save_pretrained(folder, save_original_format=not _has_fused_experts(model))
         compressor.update_config(str(folder))
         _ignore_by_in_memory_name(model, folder)
         add_sparsity_metadata(folder, contents.sparsity)
@@ -54,9 +57,15 @@ def _ignore_by_in_memory_name(model: PreTrainedModel, folder: Path) -> None:
     unquantized = {
         name
         for name, module in model.named_modules(remove_duplicate=False)
-        if (is_linear_like(module) or module is head) and not hasattr(module, "quantization_scheme")
+        if (is_linear_like(module) or module is head)
+        and not hasattr(module, "quantization_scheme")
+        and not isinstance(module, ExpertSlice)  # a view into fused experts, not a module on reload
     }
     config_path = folder / "config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["quantization_config"]["ignore"] = sorted(unquantized)
     config_path.write_text(dump_json(config), encoding="utf-8")
+
+
+def _has_fused_experts(model: PreTrainedModel) -> bool:
+    return any(is_fused_experts(module) for module in model.modules())
