@@ -75,7 +75,7 @@ finetune_stage:
   training:
     max_seq_length: 32
     per_device_train_batch_size: 2
-    learning_rate: 1.0e-3
+    learning_rate: 1.0e-4
     max_steps: 3
     eval_samples: 0
   constant_modifiers:
@@ -235,3 +235,28 @@ def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(tiny_toke
     torch.testing.assert_close(weight_matrix(unreached), expected)
     reached = "model.layers.0.mlp.experts.slices.0.down_proj"
     assert "fallback" not in result.records[reached] and result.records[reached]["sparsity"] == 0.5
+
+
+@pytest.mark.parametrize("model_type", ARCHITECTURES)
+def test_every_architecture_keeps_its_sparsity_through_a_short_finetune(
+    model_type, arch_dir, text_files, tmp_path
+):
+    model, pruned, tuned = arch_dir(model_type), tmp_path / "pruned", tmp_path / "tuned"
+    recipe = tmp_path / "prune.yaml"
+    recipe.write_text(RECIPES["sparsegpt_50"])
+    assert _oneshot(recipe, model, pruned, text_files[0]) == 0
+    finetune = tmp_path / "finetune.yaml"
+    finetune.write_text(FINETUNE_RECIPE)
+    code = cli.main([
+        "finetune", "--recipe", str(finetune), "--model", str(pruned), "--output-dir", str(tuned),
+        "--dataset", str(text_files[0]), "--no-progress", "--no-eval-ppl",
+    ])  # fmt: skip
+    assert code == 0
+    before, after = _decoder_matrices(pruned), _decoder_matrices(tuned)
+    assert set(before) == set(after)
+    for name, matrix in after.items():
+        assert torch.equal(matrix == 0, before[name] == 0), name  # the mask held, experts too
+    assert not all(torch.equal(after[n], before[n]) for n in after)  # and training moved weights
+    logits = _logits(tuned)
+    assert torch.isfinite(logits).all()
+    assert _relative_error(logits, _logits(pruned)) < 0.5

@@ -141,6 +141,7 @@ def _default_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _selected_modules(model: nn.Module, module_names: Iterable[str] | None) -> dict[str, nn.Module]:
     if module_names is None:
         return _default_modules(model)
+    attach_expert_slices(model)  # a model rebuilt for saving names its experts again
     modules = dict(model.named_modules())
     selected = {}
     for name in module_names:
