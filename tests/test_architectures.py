@@ -260,3 +260,26 @@ def test_every_architecture_keeps_its_sparsity_through_a_short_finetune(
     logits = _logits(tuned)
     assert torch.isfinite(logits).all()
     assert _relative_error(logits, _logits(pruned)) < 0.5
+
+
+def test_a_run_that_leaves_most_of_the_decoder_dense_says_what_it_skipped(
+    arch_dir, text_files, tmp_path, capsys
+):
+    recipe = tmp_path / "attention_only.yaml"
+    recipe.write_text(RECIPES["sparsegpt_50"].replace("[Linear]", "['re:.*self_attn[.]']"))
+    out = tmp_path / "out"
+    assert _oneshot(recipe, arch_dir("mixtral"), out, text_files[0]) == 0
+    err = capsys.readouterr().err
+    metrics = json.loads((out / "reciprune_manifest.json").read_text())["metrics"]
+    assert metrics["targeted_sparsity"] == pytest.approx(0.5)
+    # Attention holds 12,288 of the 110,592 weights of this decoder (1/9): the experts the rest.
+    assert metrics["decoder_sparsity"] == pytest.approx(0.5 / 9, abs=1e-3)
+    assert "warning: the decoder is 5.6% sparse" in err
+    assert "model.layers.0.mlp.experts.slices.0.down_proj" in err and "Add them to targets" in err
+
+
+def test_a_run_that_prunes_the_whole_decoder_gives_no_warning(arch_dir, text_files, tmp_path, capsys):
+    recipe = tmp_path / "all.yaml"
+    recipe.write_text(RECIPES["wanda_2of4"])
+    assert _oneshot(recipe, arch_dir("qwen3_moe"), tmp_path / "out", text_files[0]) == 0
+    assert "warning: the decoder" not in capsys.readouterr().err
