@@ -13,7 +13,7 @@ from conftest import TINY_VOCAB
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from reciprune import cli
-from reciprune.core.experts import attach_expert_slices
+from reciprune.core.experts import ExpertSlice, attach_expert_slices
 from reciprune.core.targets import is_linear_like, weight_matrix
 
 ARCHITECTURES = ["llama", "mistral", "qwen2", "qwen3", "qwen3_moe", "mixtral", "gemma2", "phi3",
@@ -124,6 +124,10 @@ def _decoder_matrices(model_dir: Path) -> dict[str, torch.Tensor]:
     }
 
 
+def _most_values_per_group(matrix: torch.Tensor, group: int) -> int:
+    return max(len(torch.unique(row)) for row in matrix.reshape(-1, group))
+
+
 def _relative_error(logits: torch.Tensor, reference: torch.Tensor) -> float:
     return float((logits - reference).norm() / reference.norm())
 
@@ -154,6 +158,13 @@ def test_every_architecture_compresses_reloads_and_agrees(
         assert metrics["targeted_sparsity"] == pytest.approx(0.5, abs=0.01)
         for name, matrix in _decoder_matrices(out).items():  # experts included, after reload
             assert (matrix == 0).float().mean().item() == pytest.approx(0.5, abs=0.02), name
+    else:  # fused experts are stored dense, holding their 4-bit values: <= 16 per group of 32
+        reloaded = AutoModelForCausalLM.from_pretrained(out)
+        attach_expert_slices(reloaded)
+        experts = {n: m for n, m in reloaded.named_modules() if isinstance(m, ExpertSlice)}
+        assert bool(experts) == (model_type in ("mixtral", "qwen3_moe"))
+        for name, module in experts.items():
+            assert _most_values_per_group(weight_matrix(module), 32) <= 16, name
     logits, dense = _logits(out), _logits(model)
     assert torch.isfinite(logits).all()
     # Pruned or 4-bit random weights move the logits, never by orders of magnitude (a head
@@ -278,8 +289,38 @@ def test_a_run_that_leaves_most_of_the_decoder_dense_says_what_it_skipped(
     assert "model.layers.0.mlp.experts.slices.0.down_proj" in err and "Add them to targets" in err
 
 
-def test_a_run_that_prunes_the_whole_decoder_gives_no_warning(arch_dir, text_files, tmp_path, capsys):
+def test_a_run_that_prunes_the_whole_decoder_gives_no_warning(
+    arch_dir, text_files, tmp_path, capsys
+):
     recipe = tmp_path / "all.yaml"
     recipe.write_text(RECIPES["wanda_2of4"])
     assert _oneshot(recipe, arch_dir("qwen3_moe"), tmp_path / "out", text_files[0]) == 0
     assert "warning: the decoder" not in capsys.readouterr().err
+
+
+def test_expert_weights_are_gptq_quantized_and_an_unreached_one_by_rtn(tiny_tokenizer):
+    from reciprune.pipelines.oneshot import run_oneshot
+    from reciprune.recipe import load_recipe
+
+    model = _tiny_mixtral(tiny_tokenizer)
+    for layer in model.model.layers:
+        _never_route_to(3, layer.mlp.experts)
+    before = {
+        e: weight_matrix(s.gate_up_proj).clone()
+        for e, s in enumerate(model.model.layers[0].mlp.experts.slices)
+    }
+    recipe = load_recipe(RECIPES["gptq_w4a16"])
+    batches = [
+        {
+            "input_ids": torch.arange(1, 33).reshape(2, 16),
+            "attention_mask": torch.ones(2, 16, dtype=torch.long),
+        }
+    ]
+    result = run_oneshot(model, recipe.stages[0].modifiers, batches, progress=False)
+    prefix = "model.layers.0.mlp.experts.slices"
+    assert result.records[f"{prefix}.3.gate_up_proj"]["fallback"].startswith("rtn")
+    assert result.records[f"{prefix}.0.gate_up_proj"]["quantization_algorithm"] == "gptq"
+    assert "fallback" not in result.records[f"{prefix}.0.gate_up_proj"]
+    for expert, one in enumerate(model.model.layers[0].mlp.experts.slices):
+        after = weight_matrix(one.gate_up_proj)
+        assert _most_values_per_group(after, 32) <= 16 and not torch.equal(after, before[expert])

@@ -32,7 +32,7 @@ from reciprune.core.quantized_modules import (
     checkpoint_qparams,
     set_static_input_qparams,
 )
-from reciprune.core.targets import resolve_targets, weight_matrix
+from reciprune.core.targets import resolve_targets, set_weight_matrix, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
@@ -248,7 +248,6 @@ class QuantizationModifier(TargetedModifier):
         self._targets: dict[int, dict[str, nn.Module]] = {}
         for index, layer in enumerate(layers):
             found = resolve_targets(layer, self.targets, self.ignore, prefix=f"{layers_name}.{index}")
-            found = self._without_experts(found)
             if found:
                 self._targets[index] = found
         self._head = self._named_head(session.model)
@@ -259,7 +258,9 @@ class QuantizationModifier(TargetedModifier):
                 f"Linear module inside the decoder layers '{layers_name}'. Use 'Linear', module "
                 "names like 'model.layers.0.mlp.down_proj', or 're:' regexes."
             )
-        not_linear = [n for n, m in selected.items() if not isinstance(m, nn.Linear)]
+        not_linear = [
+            n for n, m in selected.items() if not isinstance(m, (nn.Linear, ExpertSlice))
+        ]
         if not_linear:
             raise ReciPruneError(
                 f"{self.type_name()}: compressed-tensors quantizes torch.nn.Linear modules, and "
@@ -288,20 +289,6 @@ class QuantizationModifier(TargetedModifier):
                 "quantized weights; put the pruning modifier first"
             )
         return selected
-
-    def _without_experts(self, found: dict[str, nn.Module]) -> dict[str, nn.Module]:
-        """Fused 3-D expert weights stay in their dtype: compressed-tensors packs nn.Linear
-        weights only, and a checkpoint with per-expert packed weights does not reload."""
-        experts = [name for name, module in found.items() if isinstance(module, ExpertSlice)]
-        if experts and not getattr(self, "_told_experts", False):
-            self._told_experts = True
-            print(
-                f"note: {self.type_name()} leaves the mixture-of-experts weights unquantized "
-                "(compressed-tensors packs nn.Linear weights only; fused 3-D experts would "
-                "not reload)",
-                file=sys.stderr,
-            )
-        return {name: module for name, module in found.items() if name not in experts}
 
     def _named_head(self, model: nn.Module) -> dict[str, nn.Module]:
         """The output head when a target is its exact name (never through a class or regex)."""
@@ -449,11 +436,14 @@ class QuantizationModifier(TargetedModifier):
             for handle in self._input_hooks:
                 handle.remove()
             self._input_hooks.clear()
-            solved = self._gptq(session, modules) if self.algorithm == "gptq" else {}
+            reached = {n: m for n, m in modules.items() if session.statistics.reached(m)}
+            solved = self._gptq(session, reached) if self.algorithm == "gptq" else {}
             for name, module in modules.items():
                 self.quantize_module(session, name, module, solved.get(name))
 
     def _static_input(self, name: str) -> bool:
+        if ".experts.slices." in name:  # stored dense: only their weights are quantized
+            return False
         inputs = self._stored[self._assigned[name][0]].input_activations
         return inputs is not None and not inputs.dynamic
 
@@ -480,11 +470,15 @@ class QuantizationModifier(TargetedModifier):
 
         scheme = self._stored[self._assigned[name][0]]
         W = weight_matrix(module).clone()
-        if self.algorithm == "gptq":
+        unreached = isinstance(module, ExpertSlice) and not session.statistics.reached(module)
+        if self.algorithm == "gptq" and not unreached:
             Q, scale, zero = gptq if gptq is not None else self._gptq(session, {name: module})[name]
         else:
             scale, zero = observe_weight(W, scheme.weights, self.observer)
             Q = fake_quantize_weight(W, scale, zero, scheme.weights)
+        if isinstance(module, ExpertSlice):
+            self._fake_quantize_expert(session, name, module, Q, unreached)
+            return
         attach_quantization(module, scheme, Q, scale, zero)
         if self._static_input(name):
             if module not in self._input_range:
@@ -502,6 +496,29 @@ class QuantizationModifier(TargetedModifier):
             quantization_algorithm=self.algorithm,
             observer=self.observer,
         )
+
+    def _fake_quantize_expert(
+        self, session: LifecycleSession, name: str, module: ExpertSlice, Q: torch.Tensor, unreached: bool
+    ) -> None:
+        """An expert of fused 3-D weights keeps its dtype holding Q(W): compressed-tensors packs
+        nn.Linear weights only, and per-expert packed weights would not reload."""
+        set_weight_matrix(module, Q)
+        record = session.records[name]
+        record.update(
+            method=record.get("method", self.type_name()),
+            quantization=describe_args(self._stored[self._assigned[name][0]].weights),
+            quantization_algorithm="rtn" if unreached else self.algorithm,
+            stored="dense fake-quantized (fused mixture-of-experts weight)",
+        )
+        if unreached:
+            record["fallback"] = "rtn: no calibration token reached it"
+        if not getattr(self, "_told_experts", False):
+            self._told_experts = True
+            print(
+                f"note: {self.type_name()} stores the mixture-of-experts weights dense, holding "
+                "their quantized values (compressed-tensors packs nn.Linear weights only)",
+                file=sys.stderr,
+            )
 
     @torch.no_grad()
     def _gptq(
