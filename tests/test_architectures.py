@@ -223,7 +223,14 @@ def test_each_expert_slice_sees_exactly_the_tokens_routed_to_it(tiny_tokenizer):
         torch.testing.assert_close(statistics.hessian(one.down_proj) / 2, h.t() @ h)
 
 
-def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(tiny_tokenizer):
+OWL_RECIPE = RECIPES["sparsegpt_50"].replace(
+    "sparsity: 0.5\n",
+    "sparsity: 0.5\n      sparsity_profile: owl\n      owl_m: 5\n      owl_lmbda: 0.08\n",
+)
+
+
+@pytest.mark.parametrize("recipe_text", [RECIPES["sparsegpt_50"], OWL_RECIPE], ids=["plain", "owl"])
+def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(recipe_text, tiny_tokenizer):
     from reciprune.algorithms.magnitude import magnitude_prune
     from reciprune.pipelines.oneshot import run_oneshot
     from reciprune.recipe import load_recipe
@@ -233,7 +240,7 @@ def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(tiny_toke
         _never_route_to(3, layer.mlp.experts)
     unreached = model.model.layers[0].mlp.experts.slices[3].down_proj
     expected, _ = magnitude_prune(weight_matrix(unreached).clone(), 0.5)
-    recipe = load_recipe(RECIPES["sparsegpt_50"])
+    recipe = load_recipe(recipe_text)
     batches = [
         {
             "input_ids": torch.arange(1, 33).reshape(2, 16),
@@ -243,9 +250,11 @@ def test_an_expert_no_calibration_token_reaches_is_pruned_by_magnitude(tiny_toke
     result = run_oneshot(model, recipe.stages[0].modifiers, batches, progress=False)
     name = "model.layers.0.mlp.experts.slices.3.down_proj"
     assert result.records[name]["fallback"].startswith("magnitude")
-    torch.testing.assert_close(weight_matrix(unreached), expected)
     reached = "model.layers.0.mlp.experts.slices.0.down_proj"
-    assert "fallback" not in result.records[reached] and result.records[reached]["sparsity"] == 0.5
+    assert "fallback" not in result.records[reached]
+    if recipe_text is not OWL_RECIPE:  # OWL moves each layer's sparsity around the mean
+        torch.testing.assert_close(weight_matrix(unreached), expected)
+        assert result.records[reached]["sparsity"] == 0.5
 
 
 @pytest.mark.parametrize("model_type", ARCHITECTURES)

@@ -234,6 +234,7 @@ class PruningModifier(TargetedModifier):
             scores = [
                 wanda_scores(weight_matrix(module), session.statistics.sq_norm(module)).flatten()
                 for module in modules.values()
+                if session.statistics.reached(module)  # an expert no token reached has none
             ]
             self._outlier_ratios[event.layer_index] = outlier_ratio(torch.cat(scores), self.owl_m)
         elif event.type == EventType.LAYER_START and self.needs_calibration:
