@@ -333,3 +333,12 @@ def test_expert_weights_are_gptq_quantized_and_an_unreached_one_by_rtn(tiny_toke
     for expert, one in enumerate(model.model.layers[0].mlp.experts.slices):
         after = weight_matrix(one.gate_up_proj)
         assert _most_values_per_group(after, 32) <= 16 and not torch.equal(after, before[expert])
+
+
+def test_recipe_check_counts_the_experts_a_run_prunes(arch_dir, tmp_path, capsys):
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(RECIPES["sparsegpt_50"])
+    assert cli.main(["recipe", "check", str(recipe), "--model", str(arch_dir("mixtral"))]) == 0
+    plan = capsys.readouterr().out
+    # Attention (12,288 per layer) and 4 experts x (256x64 + 64x128) per layer, 2 layers.
+    assert "mlp.experts.slices.3.{gate_up,down}_proj" in plan and "221,184 weights" in plan
