@@ -30,6 +30,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from reciprune.core.experts import attach_expert_slices
 from reciprune.errors import ModelLoadError
 from reciprune.files import write_text_atomic
 
@@ -330,6 +331,8 @@ def load_model(
     except LOAD_ERRORS as exc:
         raise (_load_error(source, exc) if _is_local(source) else _hub_error(source, exc)) from exc
     model.eval()
+    # Fused mixture-of-experts weights become per-expert Linear-like targets.
+    attach_expert_slices(model)
     return model, tokenizer, source
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from reciprune.algorithms.dsnot import merge_channel_moments
+from reciprune.core.experts import owners_of, route_to_slices
 
 
 @dataclass
@@ -74,6 +75,9 @@ class InputStatistics:
         self._handles.append(layer.register_forward_pre_hook(self._next_batch))
         for module in self._requests:
             self._handles.append(module.register_forward_pre_hook(self._accumulate))
+        # Expert slices see no forward of their own: their experts module routes tokens to them.
+        for experts in owners_of(list(self._requests)):
+            self._handles.append(experts.register_forward_pre_hook(route_to_slices))
 
     def detach(self) -> None:
         for handle in self._handles:
@@ -140,6 +144,11 @@ class InputStatistics:
                 "no calibration statistics for this module: it was not tracked at LAYER_START "
                 "or the calibration forward never reached it"
             ) from None
+
+    def reached(self, module: nn.Module) -> bool:
+        """Whether the calibration forward fed `module` any input (an expert the router never
+        chose has none)."""
+        return module in self._group_of
 
     def has_hessian(self, module: nn.Module) -> bool:
         """Whether the full XᵀX of `module`'s input was accumulated."""

@@ -16,8 +16,9 @@ LINEAR_ALIAS = "Linear"
 
 
 def is_linear_like(module: nn.Module) -> bool:
-    """True for nn.Linear and for transformers' Conv1D (GPT-2), whose weight is stored transposed."""
-    return isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"
+    """True for nn.Linear, transformers' Conv1D (GPT-2, weight stored transposed) and one
+    expert's matrix of fused mixture-of-experts weights (`core.experts.ExpertSlice`)."""
+    return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "ExpertSlice")
 
 
 def weight_matrix(module: nn.Module) -> torch.Tensor:

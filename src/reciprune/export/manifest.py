@@ -6,6 +6,7 @@ import hashlib
 import importlib.metadata
 import platform
 import subprocess
+import sys
 from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from datetime import datetime, timezone
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 import reciprune
+from reciprune.core.experts import ExpertSlice, attach_expert_slices
 from reciprune.core.targets import is_linear_like, weight_matrix
 from reciprune.models import ModelSource
 
@@ -139,6 +141,7 @@ def _default_modules(model: nn.Module) -> dict[str, nn.Module]:
 def _selected_modules(model: nn.Module, module_names: Iterable[str] | None) -> dict[str, nn.Module]:
     if module_names is None:
         return _default_modules(model)
+    attach_expert_slices(model)  # a model rebuilt for saving names its experts again
     modules = dict(model.named_modules())
     selected = {}
     for name in module_names:
@@ -251,3 +254,53 @@ def _measured_structure(model: nn.Module, names: list[str], weights: WeightSourc
     report = layer_sparsity_report(model, names, weights)
     patterns = {info["nm"] for info in report.values() if info["sparsity"] > 0}
     return next(iter(patterns)) if len(patterns) == 1 and None not in patterns else "unstructured"
+
+
+#: A run warns when the whole decoder reaches less than this fraction of the targeted sparsity.
+DECODER_SPARSITY_WARN_FRACTION = 0.9
+
+
+def _decoder_weights(model: nn.Module, weights: WeightSource) -> dict[str, torch.Tensor]:
+    """Every Linear-like weight but the output head, each expert of fused 3-D expert weights
+    (Mixtral, Qwen3-MoE in transformers 5) as its own matrix."""
+    attach_expert_slices(model)
+    return {
+        name: weight_matrix(module) if isinstance(module, ExpertSlice) else weights(name, module)
+        for name, module in _default_modules(model).items()
+        if not (isinstance(module, ExpertSlice) and module.weight.is_meta)
+    }
+
+
+def sparsity_metrics(
+    model: nn.Module, modifiers: Iterable[Any], weights: WeightSource = _own_weight
+) -> dict[str, Any]:
+    """`decoder_sparsity` over every weight matrix of the decoder (experts included) and
+    `targeted_sparsity` over those the pruning modifiers targeted; with `skipped`, the weights
+    left dense when the decoder reaches less than 90% of the targeted sparsity."""
+    targeted = {name for m in modifiers if "sparsity" in m.produces for name in m.targeted_modules()}
+    if not targeted:
+        return {}
+    matrices = _decoder_weights(model, weights)
+    zeros = {name: int((matrix == 0).sum()) for name, matrix in matrices.items()}
+    sizes = {name: matrix.numel() for name, matrix in matrices.items()}
+    hit = [name for name in matrices if name in targeted]
+    targeted_sparsity = sum(zeros[n] for n in hit) / max(1, sum(sizes[n] for n in hit))
+    decoder_sparsity = sum(zeros.values()) / max(1, sum(sizes.values()))
+    metrics: dict[str, Any] = {"decoder_sparsity": decoder_sparsity, "targeted_sparsity": targeted_sparsity}
+    if decoder_sparsity < DECODER_SPARSITY_WARN_FRACTION * targeted_sparsity:
+        metrics["skipped"] = sorted(n for n in matrices if n not in targeted)
+    return metrics
+
+
+def warn_low_decoder_sparsity(metrics: dict[str, Any]) -> None:
+    """Say on stderr which weights a pruning run left dense when they dilute its sparsity."""
+    skipped = metrics.pop("skipped", None)
+    if not skipped:
+        return
+    shown = ", ".join(skipped[:6]) + (f" and {len(skipped) - 6} more" if len(skipped) > 6 else "")
+    print(
+        f"warning: the decoder is {metrics['decoder_sparsity']:.1%} sparse, less than 90% of the "
+        f"{metrics['targeted_sparsity']:.1%} reached on the targeted weights; left dense: "
+        f"{shown}. Add them to targets to prune them.",
+        file=sys.stderr,
+    )

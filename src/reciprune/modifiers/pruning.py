@@ -9,11 +9,12 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from reciprune.algorithms.magnitude import magnitude_prune
 from reciprune.algorithms.masks import parse_mask_structure
 from reciprune.algorithms.owl import outlier_ratio, owl_layer_nm, owl_layer_sparsities
 from reciprune.algorithms.wanda import wanda_scores
 from reciprune.core.events import Event, EventType
-from reciprune.core.targets import validate_target_syntax, weight_matrix
+from reciprune.core.targets import set_weight_matrix, validate_target_syntax, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.targeted import TargetedModifier, misfit_modules
 
@@ -250,6 +251,7 @@ class PruningModifier(TargetedModifier):
             scores = [
                 wanda_scores(weight_matrix(module), session.statistics.sq_norm(module)).flatten()
                 for module in modules.values()
+                if session.statistics.reached(module)  # an expert no token reached has none
             ]
             self._outlier_ratios[event.layer_index] = outlier_ratio(torch.cat(scores), self.owl_m)
         elif event.type == EventType.LAYER_START and self.needs_calibration:
@@ -257,7 +259,7 @@ class PruningModifier(TargetedModifier):
         elif event.type == EventType.LAYER_CALIBRATED:
             n, m = self.structure_for(event.layer_index)
             with torch.no_grad():
-                masks = self._prune_or_explain(session, event.layer_index, modules)
+                masks = self._prune_reached_and_unreached(session, event.layer_index, modules)
             for name, keep in masks.items():
                 session.records[name].update(
                     method=self.type_name(),
@@ -269,6 +271,27 @@ class PruningModifier(TargetedModifier):
                     session.records[name]["owl_outlier_ratio"] = self._outlier_ratios.get(
                         event.layer_index
                     )
+
+    def _prune_reached_and_unreached(
+        self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]
+    ) -> dict[str, torch.Tensor]:
+        """`prune_layer` on the modules calibration reached; an expert the router never chose
+        for a calibration token has no statistics and is pruned by magnitude (recorded)."""
+        unreached = {
+            name: module
+            for name, module in modules.items()
+            if self.needs_calibration and not session.statistics.reached(module)
+        }
+        reached = {name: module for name, module in modules.items() if name not in unreached}
+        masks = self._prune_or_explain(session, layer_index, reached) if reached else {}
+        n, m = self.structure_for(layer_index)
+        for name, module in unreached.items():
+            pruned, masks[name] = magnitude_prune(
+                weight_matrix(module), self.sparsity_for(layer_index, name), n=n, m=m
+            )
+            set_weight_matrix(module, pruned)
+            session.records[name]["fallback"] = "magnitude: no calibration token reached it"
+        return {name: masks[name] for name in modules}
 
     def track_layer(self, session: LifecycleSession, modules: dict[str, nn.Module]) -> None:
         """Ask for the input statistics `prune_module` reads."""

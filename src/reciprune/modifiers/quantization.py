@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
@@ -16,6 +17,7 @@ from reciprune.algorithms.observers import (
     stored_qparams_on_grid,
 )
 from reciprune.core.events import Event, EventType
+from reciprune.core.experts import ExpertSlice
 from reciprune.core.layers import find_decoder_layers
 from reciprune.core.quantization_schemes import (
     SCHEMES,
@@ -30,7 +32,7 @@ from reciprune.core.quantized_modules import (
     checkpoint_qparams,
     set_static_input_qparams,
 )
-from reciprune.core.targets import resolve_targets, weight_matrix
+from reciprune.core.targets import resolve_targets, set_weight_matrix, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
@@ -254,7 +256,9 @@ class QuantizationModifier(TargetedModifier):
                 f"Linear module inside the decoder layers '{layers_name}'. Use 'Linear', module "
                 "names like 'model.layers.0.mlp.down_proj', or 're:' regexes."
             )
-        not_linear = [n for n, m in selected.items() if not isinstance(m, nn.Linear)]
+        not_linear = [
+            n for n, m in selected.items() if not isinstance(m, (nn.Linear, ExpertSlice))
+        ]
         if not_linear:
             raise ReciPruneError(
                 f"{self.type_name()}: compressed-tensors quantizes torch.nn.Linear modules, and "
@@ -430,11 +434,14 @@ class QuantizationModifier(TargetedModifier):
             for handle in self._input_hooks:
                 handle.remove()
             self._input_hooks.clear()
-            solved = self._gptq(session, modules) if self.algorithm == "gptq" else {}
+            reached = {n: m for n, m in modules.items() if session.statistics.reached(m)}
+            solved = self._gptq(session, reached) if self.algorithm == "gptq" else {}
             for name, module in modules.items():
                 self.quantize_module(session, name, module, solved.get(name))
 
     def _static_input(self, name: str) -> bool:
+        if ".experts.slices." in name:  # stored dense: only their weights are quantized
+            return False
         inputs = self._stored[self._assigned[name][0]].input_activations
         return inputs is not None and not inputs.dynamic
 
@@ -461,11 +468,15 @@ class QuantizationModifier(TargetedModifier):
 
         scheme = self._stored[self._assigned[name][0]]
         W = weight_matrix(module).clone()
-        if self.algorithm == "gptq":
+        unreached = isinstance(module, ExpertSlice) and not session.statistics.reached(module)
+        if self.algorithm == "gptq" and not unreached:
             Q, scale, zero = gptq if gptq is not None else self._gptq(session, {name: module})[name]
         else:
             scale, zero = observe_weight(W, scheme.weights, self.observer)
             Q = fake_quantize_weight(W, scale, zero, scheme.weights)
+        if isinstance(module, ExpertSlice):
+            self._fake_quantize_expert(session, name, module, Q, unreached)
+            return
         attach_quantization(module, scheme, Q, scale, zero)
         if self._static_input(name):
             if module not in self._input_range:
@@ -483,6 +494,29 @@ class QuantizationModifier(TargetedModifier):
             quantization_algorithm=self.algorithm,
             observer=self.observer,
         )
+
+    def _fake_quantize_expert(
+        self, session: LifecycleSession, name: str, module: ExpertSlice, Q: torch.Tensor, unreached: bool
+    ) -> None:
+        """An expert of fused 3-D weights keeps its dtype holding Q(W): compressed-tensors packs
+        nn.Linear weights only, and per-expert packed weights would not reload."""
+        set_weight_matrix(module, Q)
+        record = session.records[name]
+        record.update(
+            method=record.get("method", self.type_name()),
+            quantization=describe_args(self._stored[self._assigned[name][0]].weights),
+            quantization_algorithm="rtn" if unreached else self.algorithm,
+            stored="dense fake-quantized (fused mixture-of-experts weight)",
+        )
+        if unreached:
+            record["fallback"] = "rtn: no calibration token reached it"
+        if not getattr(self, "_told_experts", False):
+            self._told_experts = True
+            print(
+                f"note: {self.type_name()} stores the mixture-of-experts weights dense, holding "
+                "their quantized values (compressed-tensors packs nn.Linear weights only)",
+                file=sys.stderr,
+            )
 
     @torch.no_grad()
     def _gptq(

@@ -23,7 +23,7 @@ from reciprune.core.session import LifecycleSession, TrainingContext
 from reciprune.errors import ReciPruneError
 from reciprune.export import build_manifest, layer_sparsity_report, save_checkpoint
 from reciprune.export.formats import CheckpointContents
-from reciprune.export.manifest import describe_sparsity
+from reciprune.export.manifest import describe_sparsity, sparsity_metrics, warn_low_decoder_sparsity
 from reciprune.export.save import check_output_dir
 from reciprune.models import ModelSource, load_model, resolve_model
 from reciprune.pipelines import finetune as F
@@ -391,6 +391,8 @@ def _save(run, model, tokenizer, data, result, extra_files, base_quantization) -
     sparsity = describe_sparsity(model, modifiers)
     if sparsity is not None:
         run.metrics["global_sparsity"] = sparsity["global_sparsity"]
+        run.metrics.update(sparsity_metrics(model, modifiers))
+        warn_low_decoder_sparsity(run.metrics)
     recipe_yaml = job.recipe.to_yaml()
     manifest = build_manifest(
         recipe_yaml=recipe_yaml,

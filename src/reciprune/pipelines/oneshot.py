@@ -34,7 +34,7 @@ from reciprune.data.calibration import CalibrationData, load_calibration
 from reciprune.errors import ReciPruneError
 from reciprune.export import build_manifest, layer_sparsity_report, save_checkpoint
 from reciprune.export.formats import CheckpointContents
-from reciprune.export.manifest import describe_sparsity
+from reciprune.export.manifest import describe_sparsity, sparsity_metrics, warn_low_decoder_sparsity
 from reciprune.export.save import check_output_dir, staging_folder
 from reciprune.models import load_config, load_model, load_model_skeleton, resolve_model
 from reciprune.modifiers.base import Modifier
@@ -326,6 +326,8 @@ def _save(
     sparsity = describe_sparsity(model, modifiers, **weights)
     if sparsity is not None:
         run.metrics["global_sparsity"] = sparsity["global_sparsity"]
+        run.metrics.update(sparsity_metrics(model, modifiers, **weights))
+        warn_low_decoder_sparsity(run.metrics)
     if run.device.type == "cuda":
         run.metrics["peak_device_memory_mb"] = peak_memory_mb(run.device)
     recipe_yaml = job.recipe.to_yaml()

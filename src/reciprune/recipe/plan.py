@@ -61,14 +61,18 @@ def _meta_model(config: PretrainedConfig) -> nn.Module:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from reciprune.core.experts import attach_expert_slices
+
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config)
+            model = AutoModelForCausalLM.from_config(config)
     except (ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"cannot build a causal language model from the {getattr(config, 'model_type', '?')} "
             f"config ({exc}). reciprune supports decoder-only transformers models."
         ) from exc
+    attach_expert_slices(model)  # the experts are targets as in a run
+    return model
 
 
 def _changed_settings(modifier: Modifier) -> str:
