@@ -7,7 +7,7 @@ import importlib.metadata
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict
 from datetime import datetime, timezone
 from pathlib import Path
@@ -260,15 +260,19 @@ def _measured_structure(model: nn.Module, names: list[str], weights: WeightSourc
 DECODER_SPARSITY_WARN_FRACTION = 0.9
 
 
-def _decoder_weights(model: nn.Module, weights: WeightSource) -> dict[str, torch.Tensor]:
+def _decoder_weights(
+    model: nn.Module, weights: WeightSource
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Every Linear-like weight but the output head, each expert of fused 3-D expert weights
-    (Mixtral, Qwen3-MoE in transformers 5) as its own matrix."""
+    (Mixtral, Qwen3-MoE in transformers 5) as its own matrix; one at a time, because a streamed
+    run reads each from disk and must not hold them all."""
     attach_expert_slices(model)
-    return {
-        name: weight_matrix(module) if isinstance(module, ExpertSlice) else weights(name, module)
-        for name, module in _default_modules(model).items()
-        if not (isinstance(module, ExpertSlice) and module.weight.is_meta)
-    }
+    for name, module in _default_modules(model).items():
+        if isinstance(module, ExpertSlice):
+            if not module.weight.is_meta:
+                yield name, weight_matrix(module)
+        else:
+            yield name, weights(name, module)
 
 
 def sparsity_metrics(
@@ -280,15 +284,16 @@ def sparsity_metrics(
     targeted = {name for m in modifiers if "sparsity" in m.produces for name in m.targeted_modules()}
     if not targeted:
         return {}
-    matrices = _decoder_weights(model, weights)
-    zeros = {name: int((matrix == 0).sum()) for name, matrix in matrices.items()}
-    sizes = {name: matrix.numel() for name, matrix in matrices.items()}
-    hit = [name for name in matrices if name in targeted]
+    zeros: dict[str, int] = {}
+    sizes: dict[str, int] = {}
+    for name, matrix in _decoder_weights(model, weights):
+        zeros[name], sizes[name] = int((matrix == 0).sum()), matrix.numel()
+    hit = [name for name in sizes if name in targeted]
     targeted_sparsity = sum(zeros[n] for n in hit) / max(1, sum(sizes[n] for n in hit))
     decoder_sparsity = sum(zeros.values()) / max(1, sum(sizes.values()))
     metrics: dict[str, Any] = {"decoder_sparsity": decoder_sparsity, "targeted_sparsity": targeted_sparsity}
     if decoder_sparsity < DECODER_SPARSITY_WARN_FRACTION * targeted_sparsity:
-        metrics["skipped"] = sorted(n for n in matrices if n not in targeted)
+        metrics["skipped"] = sorted(n for n in sizes if n not in targeted)
     return metrics
 
 

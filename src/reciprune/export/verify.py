@@ -64,12 +64,16 @@ def verify_reload(model: PreTrainedModel, folder: Path, format_name: str) -> Non
     first forward, which is what a reloaded one does too). The reload is on the CPU, in the
     model's dtype: it costs one more copy of the weights in memory.
     """
+    from compressed_tensors.offload import as_single_threaded
+
     ids = _probe_ids(model)
     expected = _logits(model, ids)
-    with warnings.catch_warnings():
+    # Under torch.distributed compressed-tensors shares a load's decompression between the
+    # processes, but only the main process saves and checks: it would wait for the others.
+    with warnings.catch_warnings(), as_single_threaded():
         warnings.simplefilter("ignore")  # a mismatch is reported below, with its cause
         reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).eval()
-    found = _logits(reloaded, ids)  # decompresses a compressed-tensors model, as `model` was
+        found = _logits(reloaded, ids)  # decompresses a compressed-tensors model, as `model` was
     problems = _weight_mismatches(model, reloaded)
     scale = expected.abs().max().item() or 1.0
     gap = (found - expected).abs().max().item() if found.shape == expected.shape else float("inf")
