@@ -7,10 +7,11 @@ and long loops otherwise print a plain line to stderr every `PLAIN_EVERY_S` seco
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 #: Seconds between two plain progress lines.
@@ -26,6 +27,14 @@ def quiet_library_bars() -> None:
     """Turn off the bars of transformers ("Loading weights", "Writing model shards"),
     huggingface_hub and datasets, here and in the processes this one starts."""
     os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"  # read by torchrun workers at import
+    # compressed-tensors draws plain tqdm bars ("Compressing model", "Dispatching model") with
+    # no switch, some with `disable=False` written out: every tqdm bar is turned off. Workers
+    # read TQDM_DISABLE (tqdm's own default for `disable`) when they import tqdm.
+    os.environ["TQDM_DISABLE"] = "1"
+    import tqdm
+
+    if not getattr(tqdm.tqdm.__init__, "reciprune_quiet", False):
+        tqdm.tqdm.__init__ = _always_disabled(tqdm.tqdm.__init__)
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -34,6 +43,15 @@ def quiet_library_bars() -> None:
     except ImportError:  # an optional dependency
         return
     datasets.disable_progress_bars()
+
+
+def _always_disabled(init: Callable[..., None]) -> Callable[..., None]:
+    @functools.wraps(init)
+    def quiet_init(self: Any, *args: Any, **kwargs: Any) -> None:
+        init(self, *args, **{**kwargs, "disable": True})
+
+    quiet_init.reciprune_quiet = True  # type: ignore[attr-defined]
+    return quiet_init
 
 
 class PlainProgress:

@@ -9,11 +9,14 @@ for bit and its logits; otherwise the save fails and nothing is written.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
+from transformers.utils import logging as hf_logging
 
 from reciprune.errors import ReciPruneError
 
@@ -57,6 +60,31 @@ def _weight_mismatches(model: PreTrainedModel, reloaded: PreTrainedModel) -> lis
     return problems
 
 
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No load report from the check: a mismatch is reported with its cause below."""
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+class ReloadFailed(ReciPruneError):
+    """`AutoModelForCausalLM.from_pretrained` (or the reloaded model's forward) raised on a freshly
+    written checkpoint: a loader that does not support this format for this model type."""
+
+    def __init__(self, format_name: str, cause: BaseException) -> None:
+        self.format_name = format_name
+        self.reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
+        super().__init__(
+            f"the {format_name} checkpoint does not load with AutoModelForCausalLM "
+            f"({self.reason}). Nothing was written. --save-format dense stores the weights as "
+            "floats, which every loader reads; please report the model type and recipe."
+        )
+
+
 def verify_reload(model: PreTrainedModel, folder: Path, format_name: str) -> None:
     """Raise a ReciPruneError unless `folder` reloads to `model`'s weights and logits.
 
@@ -70,10 +98,13 @@ def verify_reload(model: PreTrainedModel, folder: Path, format_name: str) -> Non
     expected = _logits(model, ids)
     # Under torch.distributed compressed-tensors shares a load's decompression between the
     # processes, but only the main process saves and checks: it would wait for the others.
-    with warnings.catch_warnings(), as_single_threaded():
+    with warnings.catch_warnings(), as_single_threaded(), _quiet_transformers():
         warnings.simplefilter("ignore")  # a mismatch is reported below, with its cause
-        reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).eval()
-        found = _logits(reloaded, ids)  # decompresses a compressed-tensors model, as `model` was
+        try:
+            reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).eval()
+            found = _logits(reloaded, ids)  # decompresses a compressed-tensors model, as `model` was
+        except Exception as error:  # noqa: BLE001 - whatever the loader raises, the folder is unusable
+            raise ReloadFailed(format_name, error) from error
     problems = _weight_mismatches(model, reloaded)
     scale = expected.abs().max().item() or 1.0
     gap = (found - expected).abs().max().item() if found.shape == expected.shape else float("inf")

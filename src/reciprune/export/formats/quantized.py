@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
+from torch import nn
 from transformers import PreTrainedModel
 
 from reciprune.core.experts import ExpertSlice, is_fused_experts
@@ -29,9 +33,20 @@ class QuantizedFormat(CheckpointFormat):
         from compressed_tensors.compressors import ModelCompressor
         from compressed_tensors.offload import as_single_threaded
 
-        compressor = ModelCompressor.from_pretrained_model(
-            model, quantization_format=None if self.packed else "dense"
-        )
+        unpackable = _modules_the_loader_cannot_init_packed(model) if self.packed else []
+        if unpackable:
+            warnings.warn(
+                f"{type(model).__name__}: transformers initialises `.weight` of {unpackable[0]} "
+                "while loading, which a packed quantized module no longer has, so a packed "
+                "checkpoint would not load; saved in compressed-tensors' dense format instead "
+                "(the same quantized values, stored as floats).",
+                stacklevel=2,
+            )
+        packed = self.packed and not unpackable
+        with _quiet_format_override():
+            compressor = ModelCompressor.from_pretrained_model(
+                model, quantization_format=None if packed else "dense"
+            )
         # Under torch.distributed compressed-tensors shares the work between processes, but
         # only the main process saves: compress here alone, or it waits for the others.
         with as_single_threaded():
@@ -43,7 +58,8 @@ class QuantizedFormat(CheckpointFormat):
         _ignore_by_in_memory_name(model, folder)
         add_sparsity_metadata(folder, contents.sparsity)
         format_ = compressor.quantization_config.format
-        return {"format": str(getattr(format_, "value", format_)), "weight_bytes": weight_bytes(folder)}
+        record = {"format": str(getattr(format_, "value", format_)), "weight_bytes": weight_bytes(folder)}
+        return {**record, "packing_unsupported_by": unpackable[0]} if unpackable else record
 
 
 def _ignore_by_in_memory_name(model: PreTrainedModel, folder: Path) -> None:
@@ -68,6 +84,40 @@ def _ignore_by_in_memory_name(model: PreTrainedModel, folder: Path) -> None:
     config = json.loads(config_path.read_text(encoding="utf-8"))
     config["quantization_config"]["ignore"] = sorted(unquantized)
     config_path.write_text(dump_json(config), encoding="utf-8")
+
+
+@contextlib.contextmanager
+def _quiet_format_override() -> Iterator[None]:
+    """compressed-tensors warns once per quantized module that the asked-for "dense" format is
+    not the one it would infer: thousands of lines for a 70B model, about what we asked for."""
+    from loguru import logger
+
+    logger.disable("compressed_tensors.compressors.format")
+    try:
+        yield
+    finally:
+        logger.enable("compressed_tensors.compressors.format")
+
+
+def _modules_the_loader_cannot_init_packed(model: PreTrainedModel) -> list[str]:
+    """Classes of quantized modules whose `_init_weights` fails without a `.weight` parameter.
+
+    A packed module stores `weight_packed` instead of `weight`; transformers runs the model's
+    `_init_weights` on it while loading, and some architectures read `.weight` unguarded
+    (transformers 5.25's Falcon: AttributeError). Probed on an empty module of each class.
+    """
+    failing: list[str] = []
+    for cls in {type(m) for m in model.modules() if hasattr(m, "quantization_scheme")}:
+        probe = cls.__new__(cls)
+        nn.Module.__init__(probe)
+        probe.register_parameter("bias", None)
+        try:
+            model._init_weights(probe)
+        except AttributeError:
+            failing.append(cls.__name__)
+        except Exception:  # noqa: BLE001, S112 - any other complaint is about the empty probe itself
+            continue
+    return sorted(failing)
 
 
 def _has_fused_experts(model: PreTrainedModel) -> bool:
