@@ -104,6 +104,16 @@ def _place(setup: Setup, key: str, file: Path, text: str, below: str = "") -> No
     setup.fills[key] = str(file / below) if below else str(file)
 
 
+def _output_where_the_kernel_refuses_files(setup: Setup) -> None:
+    """/sys refuses new files even to root, whom access() tells it may write: a real folder that
+    cannot be written on any Linux machine (tests run as root, so permissions prove nothing)."""
+    from reciprune.outputs import write_refused
+
+    if not Path("/sys").is_dir() or write_refused(Path("/sys")) is None:
+        pytest.skip("needs a Linux /sys that refuses new files")
+    setup.fills["out"] = f"/sys/reciprune-bad-input-{os.getpid()}/out"
+
+
 def _save_tiny(setup: Setup, **overrides: object) -> None:
     setup.tiny_llama(**overrides).save_pretrained(setup.model)
 
@@ -117,6 +127,7 @@ MAKERS: dict[str, Callable[[Setup], None]] = {
     "safetensors_zero_byte": lambda s: _weights(s).write_bytes(b""),
     "safetensors_random_bytes": lambda s: _weights(s).write_bytes(os.urandom(4096)),
     "output_parent_is_a_file": lambda s: _place(s, "out", s.tmp / "afile", "x", "out"),
+    "output_in_a_system_folder": _output_where_the_kernel_refuses_files,
     "output_is_model": lambda s: s.fills.update(out=str(s.model)),
     "output_inside_model": lambda s: s.fills.update(out=str(s.model / "pruned")),
     "alias_bomb_recipe": lambda s: s.recipe.write_text(

@@ -70,11 +70,26 @@ def glob_escape(name: str) -> str:
     return "".join(f"[{c}]" if c in "*?[" else c for c in name)
 
 
+def first_existing(path: Path) -> Path:
+    """`path` or its nearest existing parent."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def write_refused(folder: Path) -> OSError | None:
+    """Why a file cannot be created in `folder`, found by creating (and dropping) one: access()
+    says yes to root on folders the kernel refuses (sysfs, some network and FUSE mounts)."""
+    try:
+        with tempfile.TemporaryFile(dir=folder, prefix=".reciprune-probe-"):
+            return None
+    except OSError as exc:
+        return exc
+
+
 def _lock_path(output_dir: Path) -> Path | None:
-    folder = output_dir.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir() or not os.access(folder, os.W_OK):
+    folder = first_existing(output_dir.parent)
+    if not folder.is_dir() or write_refused(folder) is not None:
         return None  # check_output_dir explains why this output cannot be written
     digest = hashlib.sha256(str(output_dir).encode()).hexdigest()[:12]
     return folder / f".reciprune-{digest}.lock"

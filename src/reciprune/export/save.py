@@ -20,7 +20,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from reciprune.errors import ReciPruneError
 from reciprune.export.formats import SPARSITY_CONFIG_KEY, CheckpointContents, choose_format
 from reciprune.export.verify import verify_reload
-from reciprune.outputs import apply_umask, sibling_folder
+from reciprune.outputs import apply_umask, first_existing, sibling_folder, write_refused
 
 RECIPE_FILE = "recipe.yaml"
 MANIFEST_FILE = "reciprune_manifest.json"
@@ -51,12 +51,6 @@ def dump_json(data: Any) -> str:
     return json.dumps(data, indent=2, default=_json_default) + "\n"
 
 
-def _first_existing(path: Path) -> Path:
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return path
-
-
 def _check_not_the_model(output_dir: Path, model: str | None) -> None:
     if model is None or not Path(model).expanduser().is_dir():
         return
@@ -73,16 +67,18 @@ def _check_not_the_model(output_dir: Path, model: str | None) -> None:
 def _check_writable(output_dir: Path) -> None:
     # Checked on the nearest existing folder, so a bad path fails before any weights load and
     # without creating anything.
-    existing = _first_existing(output_dir.parent)
+    existing = first_existing(output_dir.parent)
     if not existing.is_dir():
         raise ReciPruneError(
             f"cannot create --output-dir {output_dir}: {existing} is a file, not a folder. Choose "
             "an --output-dir whose parent folders can be created."
         )
-    if not os.access(existing, os.W_OK | os.X_OK):
+    refused = write_refused(existing)
+    if refused is not None:
         raise ReciPruneError(
-            f"cannot write --output-dir {output_dir}: the folder {existing} is not writable "
-            "(read-only file system or permissions). Choose a writable --output-dir."
+            f"cannot write --output-dir {output_dir}: no file can be created in {existing} "
+            f"({refused.strerror or refused}: a read-only file system, permissions or a system "
+            "folder). Choose a writable --output-dir."
         )
 
 
