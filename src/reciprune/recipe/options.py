@@ -99,9 +99,9 @@ class ComputeOptions(Options):
 SaveFormat = Literal["auto", "dense", "sparse-bitmask", "sparse-24-bitmask"]
 #: Why the sparse formats are refused: the installed libraries can neither write nor read them.
 SPARSE_FORMATS_UNAVAILABLE = (
-    "the installed compressed-tensors (0.20) no longer has the sparse-bitmask and "
-    "sparse-24-bitmask compressors (its ModelCompressor writes an empty sparsity_config) and "
-    "transformers 5 cannot load such checkpoints, so a model saved in them would not reload. Use "
+    "compressed-tensors removed the sparse-bitmask and sparse-24-bitmask compressors in 0.15 "
+    "(its ModelCompressor writes an empty sparsity_config) and 0.14, the last with them, needs "
+    "transformers < 5, so with transformers 5 a model saved in them would not reload. Use "
     "--save-format auto (or dense): the zeros are stored dense and described in config.json's "
     "sparsity_config; to make a 2:4 model smaller on disk add a quantization scheme (e.g. W4A16, "
     "saved as compressed-tensors pack-quantized)"
@@ -115,7 +115,7 @@ class SaveOptions(Options):
         "auto",
         "Weight format: auto (compressed-tensors' packed formats for quantized modules, dense "
         "otherwise) or dense (quantized modules as dequantized floats). The sparse formats "
-        "are refused: compressed-tensors 0.20 dropped them.",
+        "are refused: compressed-tensors dropped them in 0.15.",
     )
 
     @field_validator("save_format")
