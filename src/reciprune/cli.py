@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -335,8 +334,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
         check_4bit_base(training, stage, nproc)
         code = run_under_torchrun(job, nproc)
         if code == 0:
-            manifest = job.output.output_dir / "reciprune_manifest.json"
-            _print_metrics(job.output.output_dir, json.loads(manifest.read_text("utf-8"))["metrics"])
+            from reciprune.evaluation.report import read_manifest
+
+            _print_metrics(job.output.output_dir, read_manifest(job.output.output_dir)["metrics"])
         return code
     from reciprune.pipelines.finetune_job import run_finetune_job
 
@@ -379,9 +379,10 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
             "the data set or its cache changed, so the result may differ."
         )
     from reciprune.evaluation.compare import SUMMARY_METRICS
+    from reciprune.evaluation.report import read_manifest
 
     output = Path(rerun.job.output.output_dir)
-    manifest = json.loads((output / "reciprune_manifest.json").read_text("utf-8"))
+    manifest = read_manifest(output)
     if rerun.run_type == "run":
         _print_run_summary(output, manifest)
     else:
@@ -408,17 +409,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.from_manifest is not None:
         return _cmd_rerun(args)
     from reciprune.evaluation.compare import SUMMARY_METRICS
+    from reciprune.evaluation.report import read_manifest
     from reciprune.pipelines.multistage import run_stages
 
     job = _job(RunJob, args, recipe=_load_recipe(args))
     _print_ppl_windows(job)
     folder = None
     for stage, folder in run_stages(job):
-        manifest = json.loads((folder / "reciprune_manifest.json").read_text("utf-8"))
+        manifest = read_manifest(folder)
         print(f"\nstage {stage} ({manifest.get('run_type')}) done")
         _print_metrics(folder, manifest.get("metrics") or {}, SUMMARY_METRICS)
     run_dir = folder.parent if folder is not None else Path(job.output.output_dir)
-    _print_run_summary(run_dir, json.loads((run_dir / "reciprune_manifest.json").read_text("utf-8")))
+    _print_run_summary(run_dir, read_manifest(run_dir))
     return 0
 
 
@@ -521,6 +523,8 @@ COMMANDS = {
 
 #: Commands that load models (and so may draw the libraries' progress bars).
 _MODEL_COMMANDS = ("oneshot", "finetune", "run", "eval")
+
+
 def _interrupted(output_dir: str | None, had_output: bool) -> str:
     """The one line Ctrl-C prints: outputs are renamed into place only when complete, so nothing
     new is there; fine-tuning's resumable checkpoints (beside the output) are kept on purpose."""

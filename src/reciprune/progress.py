@@ -57,8 +57,10 @@ def _always_disabled(init: Callable[..., None]) -> Callable[..., None]:
 class PlainProgress:
     """The part of tqdm's interface reciprune uses, printing `desc: n/total unit` lines."""
 
-    def __init__(self, iterable: Iterable | None, total: int | None, desc: str, unit: str):
-        self.iterable, self.desc, self.unit, self.n = iterable, desc, unit, 0
+    def __init__(
+        self, iterable: Iterable | None, total: int | None, desc: str, unit: str, initial: int = 0
+    ) -> None:
+        self.iterable, self.desc, self.unit, self.n = iterable, desc, unit, initial
         self.total = total if total is not None else _length(iterable)
         self.postfix = ""
         self._last = time.monotonic()
@@ -99,6 +101,4 @@ def progress_bar(
         from tqdm.auto import tqdm
 
         return tqdm(iterable, total=total, desc=desc, unit=unit, initial=initial)
-    plain = PlainProgress(iterable, total, desc, unit)
-    plain.n = initial
-    return plain
+    return PlainProgress(iterable, total, desc, unit, initial)

@@ -66,7 +66,7 @@ def _check_not_the_model(output_dir: Path, model: str | None) -> None:
 
 def _check_writable(output_dir: Path) -> None:
     # Checked on the nearest existing folder, so a bad path fails before any weights load and
-    # without creating anything.
+    # leaves nothing behind (the probe file is removed at once).
     existing = first_existing(output_dir.parent)
     if not existing.is_dir():
         raise ReciPruneError(
