@@ -42,22 +42,17 @@ Without --model and --dataset, the embedded SmolLM2-135M-Instruct model and the 
 Wikipedia passages (BoolQ) are used, so every command works offline."""
 
 
+_RECIPE_HELP = "Recipe YAML file (SparseML or explicit form)."
+
+
 def _add_recipe_args(
     parser: argparse.ArgumentParser, positional: bool = False, required: bool = True
 ) -> None:
     if positional:
-        parser.add_argument("recipe", help="Recipe YAML file (SparseML or explicit form).")
-    elif required:
-        parser.add_argument(
-            "--recipe", required=True, help="Recipe YAML file (SparseML or explicit form)."
-        )
+        parser.add_argument("recipe", help=_RECIPE_HELP)
     else:
-        parser.add_argument(
-            "--recipe",
-            default=None,
-            help="Recipe YAML file (SparseML or explicit form). Without one the model is "
-            "fine-tuned dense, with no modifier.",
-        )
+        dense = "" if required else " Without one the model is fine-tuned dense, with no modifier."
+        parser.add_argument("--recipe", required=required, help=_RECIPE_HELP + dense)
     _add_override_args(parser)
 
 
@@ -193,7 +188,7 @@ def _job_commands(sub: Any) -> None:
 
     run = _command(sub, "run")
     source = run.add_mutually_exclusive_group(required=True)
-    source.add_argument("--recipe", help="Recipe YAML file (SparseML or explicit form).")
+    source.add_argument("--recipe", help=_RECIPE_HELP)
     source.add_argument("--from-manifest", metavar="MANIFEST", help=_FROM_MANIFEST_HELP)
     _add_override_args(run)
     run.add_argument("--allow-model-change", action="store_true", help="With --from-manifest: "
@@ -355,7 +350,7 @@ def _recorded_flags(args: argparse.Namespace) -> list[str]:
 
 
 def _cmd_rerun(args: argparse.Namespace) -> int:
-    from reciprune.pipelines.rerun import prepare_rerun, run_rerun
+    from reciprune.pipelines.rerun import compare_data, prepare_rerun, run_rerun
 
     given = _recorded_flags(args)
     if given:
@@ -370,20 +365,21 @@ def _cmd_rerun(args: argparse.Namespace) -> int:
         allow_model_change=args.allow_model_change,
         trust_remote_code=options_from(args, ModelOptions).trust_remote_code,
     )
-    print(f"re-running the {rerun.run_type} recorded in {rerun.manifest_path}")
+    print(f"re-running the {rerun.job.kind} recorded in {rerun.manifest_path}")
     _print_ppl_windows(rerun.job)
-    differ = run_rerun(rerun)
-    if differ:
-        print(
-            f"note: the data read now has another fingerprint than recorded ({', '.join(differ)}): "
-            "the data set or its cache changed, so the result may differ."
-        )
+    run_rerun(rerun)
     from reciprune.evaluation.compare import SUMMARY_METRICS
     from reciprune.evaluation.report import read_manifest
 
     output = Path(rerun.job.output.output_dir)
     manifest = read_manifest(output)
-    if rerun.run_type == "run":
+    differ = compare_data(rerun, manifest)
+    if differ:
+        print(
+            f"note: the data read now has another fingerprint than recorded ({', '.join(differ)}): "
+            "the data set or its cache changed, so the result may differ."
+        )
+    if rerun.job.kind == "run":
         _print_run_summary(output, manifest)
     else:
         _print_metrics(output, manifest["metrics"], SUMMARY_METRICS)
@@ -414,13 +410,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     job = _job(RunJob, args, recipe=_load_recipe(args))
     _print_ppl_windows(job)
-    folder = None
-    for stage, folder in run_stages(job):
+    for stage, folder in run_stages(job):  # a recipe has at least one stage
         manifest = read_manifest(folder)
         print(f"\nstage {stage} ({manifest.get('run_type')}) done")
         _print_metrics(folder, manifest.get("metrics") or {}, SUMMARY_METRICS)
-    run_dir = folder.parent if folder is not None else Path(job.output.output_dir)
-    _print_run_summary(run_dir, read_manifest(run_dir))
+    _print_run_summary(folder.parent, read_manifest(folder.parent))
     return 0
 
 

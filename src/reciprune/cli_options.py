@@ -35,7 +35,6 @@ def _flag_kwargs(cls: type[Options], name: str, help_text: str | None) -> tuple[
     flags = [flag_name(name), *meta.get("flags", [])]
     kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
     annotation = info.annotation
-    default = info.default
     switch = None
     if annotation is bool:
         switch = meta.get("switch", cls.default_switch)
@@ -54,12 +53,10 @@ def _flag_kwargs(cls: type[Options], name: str, help_text: str | None) -> tuple[
         metavar = meta.get("metavar", {int: "N", float: "X"}.get(base))
         if metavar:
             kwargs["metavar"] = metavar
-        for key in ("nargs", "const"):
-            if key in meta:
-                kwargs[key] = meta[key]
+        kwargs.update({key: meta[key] for key in ("nargs", "const") if key in meta})
     if info.is_required():
         kwargs["required"] = True
-    kwargs["help"] = _describe(help_text or info.description or "", default, switch)
+    kwargs["help"] = _describe(help_text or info.description or "", info.default, switch)
     return flags, kwargs
 
 
@@ -68,12 +65,11 @@ def add_options(
     cls: type[Options],
     *,
     skip: tuple[str, ...] = (),
-    only: tuple[str, ...] | None = None,
     help: dict[str, str] | None = None,
 ) -> None:
-    """One flag per field of `cls` (minus `skip`, or just `only`), help from the field."""
+    """One flag per field of `cls` (minus `skip`), help from the field."""
     for name in cls.model_fields:
-        if name in skip or (only is not None and name not in only):
+        if name in skip:
             continue
         flags, kwargs = _flag_kwargs(cls, name, (help or {}).get(name))
         parser.add_argument(*flags, **kwargs)

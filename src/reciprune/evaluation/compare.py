@@ -131,9 +131,11 @@ def _megabytes(size: int | None) -> str:
 def comparison_rows(entries: Sequence[dict[str, Any]]) -> list[tuple[str, list[str]]]:
     """(row label, one cell per entry) for the comparison table."""
     manifests = [e["manifest"] or {} for e in entries]
+    metrics = [m.get("metrics") or {} for m in manifests]
+    results = [(e["eval"] or {}).get("results") or {} for e in entries]
 
     def row(label: str, values: list[Any]) -> tuple[str, list[str]]:
-        return label, [v if isinstance(v, str) and v.endswith(" MB") else _format(v) for v in values]
+        return label, [_format(v) for v in values]  # formatted cells (str) pass unchanged
 
     rows = [
         row("model source", [(m.get("model") or {}).get("spec") for m in manifests]),
@@ -143,31 +145,21 @@ def comparison_rows(entries: Sequence[dict[str, Any]]) -> list[tuple[str, list[s
         row("seed", [m.get("seed") for m in manifests]),
         row("created (UTC)", [m.get("created_utc") for m in manifests]),
     ]
-    sparsity = [(m.get("metrics") or {}).get("global_sparsity") for m in manifests]
+    sparsity = [m.get("global_sparsity") for m in metrics]
     rows.append(row("sparsity", [f"{s:.2%}" if isinstance(s, float) else s for s in sparsity]))
-    metric_names: list[str] = []
-    for manifest in manifests:
-        for key, value in (manifest.get("metrics") or {}).items():
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            if key != "global_sparsity" and numeric and key not in metric_names:
-                metric_names.append(key)
-    for key in metric_names:
-        rows.append(row(key, [(m.get("metrics") or {}).get(key) for m in manifests]))
+    numeric = dict.fromkeys(k for m in metrics for k, v in m.items() if k != "global_sparsity"
+                            and isinstance(v, (int, float)) and not isinstance(v, bool))  # fmt: skip
+    rows += [row(key, [m.get(key) for m in metrics]) for key in numeric]
     formats = [(m.get("checkpoint") or {}).get("format") for m in manifests]
     if any(formats):
         rows.append(row("checkpoint format", formats))
     rows.append(row("weight files", [_megabytes(e["weight_bytes"]) for e in entries]))
 
-    task_metrics: list[tuple[str, str]] = []
-    for entry in entries:
-        for task, record in ((entry["eval"] or {}).get("results") or {}).items():
-            for metric, _, _ in metric_items(record):
-                if (task, metric) not in task_metrics:
-                    task_metrics.append((task, metric))
+    task_metrics = dict.fromkeys((task, metric) for r in results for task, record in r.items()
+                                 for metric, _, _ in metric_items(record))  # fmt: skip
     for task, metric in task_metrics:
         values = []
-        for entry in entries:
-            record = ((entry["eval"] or {}).get("results") or {}).get(task) or {}
+        for record in (r.get(task) or {} for r in results):
             value = record.get(metric)
             if isinstance(value, (int, float)) and record.get("num_samples") is not None:
                 value = f"{value:.4f} (n={record['num_samples']})"

@@ -16,20 +16,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from reciprune.errors import ReciPruneError
+from reciprune.evaluation.report import read_manifest
 from reciprune.export.manifest import build_manifest
-from reciprune.export.save import MANIFEST_FILE, check_output_dir
+from reciprune.export.save import MANIFEST_FILE, RECIPE_FILE, check_output_dir
 from reciprune.files import write_text_atomic
 from reciprune.models import DEFAULT_MODEL, resolve_model
 from reciprune.pipelines.jobs import FinetuneJob, OneshotJob, RunJob
 from reciprune.recipe import Recipe
-from reciprune.recipe.options import ModelOptions, OutputOptions
+from reciprune.recipe.options import ModelOptions
 from reciprune.recipe.schema import Stage
 from reciprune.recipe.training import TrainingConfig
 
 RUN_FILE = "run.json"
 #: `distill_teacher: base`: the model the run (or the finetune command) started from.
 BASE_TEACHER = "base"
-RECIPE_COPY = "recipe.yaml"
 
 
 def _complete(folder: Path) -> bool:
@@ -41,8 +41,6 @@ def _check_output(job: RunJob) -> None:
     # The model folder and an unwritable path are refused as for a single stage; whether a
     # non-empty folder may be reused (--resume) is decided below.
     check_output_dir(out, overwrite=True, model=job.model.model)
-    if out.exists() and not out.is_dir():
-        raise ReciPruneError(f"output path {out} is a file. Choose another --output-dir.")
     if out.is_dir() and any(out.iterdir()) and not (job.output.resume or job.output.overwrite):
         raise ReciPruneError(
             f"output folder {out} already exists and is not empty. Pass --resume to continue "
@@ -86,15 +84,11 @@ def _training_for(job: RunJob, stage: Stage) -> TrainingConfig:
 def _stage_job(job: RunJob, stage: Stage, model: str | None, training: TrainingConfig | None):
     """The oneshot or finetune job that runs `stage` of the run into OUTPUT_DIR/<stage>/."""
     folder = job.output.output_dir / stage.name
-    resume = job.output.resume and folder.with_name(folder.name + ".checkpoints").is_dir()
+    checkpoints = folder.with_name(folder.name + ".checkpoints")
+    resume = job.output.resume and stage.run_type == "finetune" and checkpoints.is_dir()
     common = {
         "recipe": job.recipe.select(stage.name),
-        "output": OutputOptions(
-            output_dir=folder,
-            overwrite=job.output.overwrite,
-            resume=resume and stage.run_type == "finetune",
-            progress=job.output.progress,
-        ),
+        "output": job.with_output(output_dir=folder, resume=resume).output,
         "model": ModelOptions(model=model, trust_remote_code=job.model.trust_remote_code),
         "evaluation": job.evaluation,
     }
@@ -123,34 +117,33 @@ def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
         if stage.run_type == "oneshot":
             check_oneshot_stage(stage, job.calibration.over(stage.calibration))
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / RECIPE_COPY).write_text(job.recipe.to_yaml(), encoding="utf-8")
+    (output_dir / RECIPE_FILE).write_text(job.recipe.to_yaml(), encoding="utf-8")
     model = job.model.model
     summary: list[dict] = []
     timings: dict[str, float] = {}
     for stage in job.recipe.stages:
         folder = output_dir / stage.name
         stage_started = time.perf_counter()
+        record: dict = {"stage": stage.name, "folder": str(folder)}
+        summary.append(record)
         if job.output.resume and _complete(folder):
-            summary.append({"stage": stage.name, "folder": str(folder), "skipped": True})
-            model = str(folder)
-            yield stage.name, folder
-            continue
-        stage_job = _stage_job(job, stage, model, trainings.get(stage.name))
-        if stage.run_type == "oneshot":
-            metrics = run_oneshot_job(stage_job)["metrics"]
-        elif job.launch.nproc_per_node:
-            code = run_under_torchrun(stage_job, job.launch.nproc_per_node)
-            if code != 0:
-                raise ReciPruneError(
-                    f"stage {stage.name!r} failed under torchrun (exit status {code}); its "
-                    "messages are above. Fix the cause and rerun with --resume to skip the "
-                    "finished stages."
-                )
-            metrics = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))["metrics"]
+            record["skipped"] = True
         else:
-            metrics = run_finetune_job(stage_job)["metrics"]
-        summary.append({"stage": stage.name, "folder": str(folder), "metrics": metrics})
-        timings[stage.name] = time.perf_counter() - stage_started
+            stage_job = _stage_job(job, stage, model, trainings.get(stage.name))
+            if stage.run_type == "oneshot":
+                record["metrics"] = run_oneshot_job(stage_job)["metrics"]
+            elif job.launch.nproc_per_node:
+                code = run_under_torchrun(stage_job, job.launch.nproc_per_node)
+                if code != 0:
+                    raise ReciPruneError(
+                        f"stage {stage.name!r} failed under torchrun (exit status {code}); its "
+                        "messages are above. Fix the cause and rerun with --resume to skip the "
+                        "finished stages."
+                    )
+                record["metrics"] = read_manifest(folder)["metrics"]
+            else:
+                record["metrics"] = run_finetune_job(stage_job)["metrics"]
+            timings[stage.name] = time.perf_counter() - stage_started
         model = str(folder)
         yield stage.name, folder
     timings["total"] = time.perf_counter() - started
@@ -161,17 +154,14 @@ def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
 def _run_manifest(job: RunJob, source, timings: dict[str, float]) -> dict:
     """The run's own manifest: what `reciprune run` was asked to do, and each stage's record
     (read back from the stage folders, which stay the full per-stage manifests)."""
+    keys = ("recipe_sha256", "model", "data_fingerprint", "seed")
     stages = {}
     for stage in job.recipe.stages:
-        folder = job.output.output_dir / stage.name
-        record = json.loads((folder / MANIFEST_FILE).read_text("utf-8"))
+        record = read_manifest(job.output.output_dir / stage.name)
         stages[stage.name] = {
             "folder": stage.name,
             "run_type": stage.run_type,
-            "recipe_sha256": record.get("recipe_sha256"),
-            "model": record.get("model"),
-            "data_fingerprint": record.get("data_fingerprint"),
-            "seed": record.get("seed"),
+            **{key: record.get(key) for key in keys},
             "metrics": record.get("metrics", {}),
         }
     return build_manifest(

@@ -16,8 +16,8 @@ from typing import Any
 
 from reciprune.errors import ReciPruneError
 from reciprune.export.manifest import sha256_text
-from reciprune.export.save import MANIFEST_FILE
-from reciprune.models import DEFAULT_MODEL, ModelSource, resolve_model
+from reciprune.export.save import MANIFEST_FILE, RECIPE_FILE
+from reciprune.models import DEFAULT_MODEL, resolve_model
 from reciprune.pipelines.jobs import JOB_KINDS, Job, load_job
 from reciprune.recipe import Recipe, load_recipe
 from reciprune.recipe.options import OutputOptions
@@ -31,10 +31,6 @@ class Rerun:
     manifest: dict[str, Any]
     manifest_path: Path
     world_size: int = 1
-
-    @property
-    def run_type(self) -> str:
-        return self.job.kind
 
 
 def load_manifest(path: str | Path) -> tuple[dict[str, Any], Path]:
@@ -80,7 +76,7 @@ def manifest_recipe(manifest: dict[str, Any], path: Path) -> Recipe:
     stored = manifest.get("recipe")
     if isinstance(stored, str) and sha256_text(stored) == expected:
         return load_recipe(stored)
-    beside = path.parent / "recipe.yaml"
+    beside = path.parent / RECIPE_FILE
     if beside.is_file() and sha256_text(beside.read_text(encoding="utf-8")) == expected:
         return load_recipe(beside.read_text(encoding="utf-8"))
     raise ReciPruneError(
@@ -99,18 +95,14 @@ def check_source(
         raise _missing(path, f"the {what} and its fingerprint")
     spec, where = recorded.get("spec"), recorded.get("path")
     # A local path recorded relative to the first run's working folder: prefer the absolute one.
-    candidates = [spec]
-    if where and where != spec and Path(where).exists():
-        candidates.insert(0, where)
-    source: ModelSource | None = None
-    error: Exception | None = None
-    for candidate in candidates:
+    local = where and where != spec and Path(where).exists()
+    for candidate in [where, spec] if local else [spec]:
         try:
             source = resolve_model(candidate)
             break
         except ReciPruneError as exc:
             error = exc
-    if source is None:
+    else:
         raise ReciPruneError(
             f"--from-manifest {path}: the {what} it started from ({spec}) cannot be found now: "
             f"{error}"
@@ -186,9 +178,9 @@ def compare_data(rerun: Rerun, new_manifest: dict[str, Any]) -> list[str]:
     return ["data"]
 
 
-def run_rerun(rerun: Rerun) -> list[str]:
-    """Run the rebuilt job as the command that wrote it; returns where the data read now has
-    another fingerprint than recorded ([] when none)."""
+def run_rerun(rerun: Rerun) -> None:
+    """Run the rebuilt job as the command that wrote it (`compare_data` then says whether the
+    data read now has another fingerprint than recorded)."""
     job = rerun.job
     if job.kind == "oneshot":
         from reciprune.pipelines.oneshot import run_oneshot_job
@@ -209,8 +201,4 @@ def run_rerun(rerun: Rerun) -> list[str]:
     else:
         from reciprune.pipelines.multistage import run_stages
 
-        for _stage in run_stages(job):
-            pass
-    output = Path(job.output.output_dir)
-    new = json.loads((output / MANIFEST_FILE).read_text(encoding="utf-8"))
-    return compare_data(rerun, new)
+        list(run_stages(job))  # a generator: consuming it runs every stage
