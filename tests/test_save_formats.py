@@ -13,9 +13,8 @@ from transformers import AutoModelForCausalLM
 from reciprune.cli import main
 from reciprune.errors import ReciPruneError
 from reciprune.export.formats import CheckpointContents, choose_format
-from reciprune.export.formats.dense import DenseFormat
+from reciprune.export.formats.dense import DenseFormat, StreamedDenseFormat
 from reciprune.export.formats.quantized import QuantizedFormat
-from reciprune.export.formats.streamed import StreamedDenseFormat
 
 PRUNE_24_W4A16 = """
 modifiers:

@@ -149,9 +149,7 @@ class LifecycleSession:
         self.event(EventType.FINALIZE)
         for modifier in self.modifiers:
             modifier.on_finalize(self)
-        self.remove_hooks()
-        self.statistics.clear()
-        self._finalized = True
+        self.abort()
 
     def abort(self) -> None:
         """Remove every hook without further events: the run failed and is being unwound."""

@@ -14,7 +14,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from reciprune.errors import ReciPruneError
@@ -31,15 +30,11 @@ def _json_default(value: Any) -> Any:
     # Manifests carry metrics and paths from many places; make the common non-JSON types readable.
     if isinstance(value, Path):
         return str(value)
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
     if isinstance(value, enum.Enum):
         return value.value
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.asdict(value)
-    if hasattr(value, "item"):  # numpy scalars
-        return value.item()
-    if hasattr(value, "tolist"):  # numpy arrays
+    if hasattr(value, "tolist"):  # tensors, numpy arrays and scalars
         return value.tolist()
     if isinstance(value, set | frozenset | tuple):
         return list(value)

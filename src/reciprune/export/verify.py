@@ -71,20 +71,6 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(verbosity)
 
 
-class ReloadFailed(ReciPruneError):
-    """`AutoModelForCausalLM.from_pretrained` (or the reloaded model's forward) raised on a freshly
-    written checkpoint: a loader that does not support this format for this model type."""
-
-    def __init__(self, format_name: str, cause: BaseException) -> None:
-        self.format_name = format_name
-        self.reason = f"{type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}"
-        super().__init__(
-            f"the {format_name} checkpoint does not load with AutoModelForCausalLM "
-            f"({self.reason}). Nothing was written. --save-format dense stores the weights as "
-            "floats, which every loader reads; please report the model type and recipe."
-        )
-
-
 def verify_reload(model: PreTrainedModel, folder: Path, format_name: str) -> None:
     """Raise a ReciPruneError unless `folder` reloads to `model`'s weights and logits.
 
@@ -104,7 +90,13 @@ def verify_reload(model: PreTrainedModel, folder: Path, format_name: str) -> Non
             reloaded = AutoModelForCausalLM.from_pretrained(folder, dtype=model.dtype).eval()
             found = _logits(reloaded, ids)  # decompresses a compressed-tensors model, as `model` was
         except Exception as error:  # noqa: BLE001 - whatever the loader raises, the folder is unusable
-            raise ReloadFailed(format_name, error) from error
+            # A loader that does not support this format for this model type.
+            reason = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            raise ReciPruneError(
+                f"the {format_name} checkpoint does not load with AutoModelForCausalLM "
+                f"({reason}). Nothing was written. --save-format dense stores the weights as "
+                "floats, which every loader reads; please report the model type and recipe."
+            ) from error
     problems = _weight_mismatches(model, reloaded)
     scale = expected.abs().max().item() or 1.0
     gap = (found - expected).abs().max().item() if found.shape == expected.shape else float("inf")

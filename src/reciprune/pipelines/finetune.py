@@ -35,7 +35,7 @@ from torch import nn
 from reciprune.core import distributed as D
 from reciprune.core.events import EventType
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.session import LifecycleSession, TrainingContext
+from reciprune.core.session import LifecycleSession
 from reciprune.errors import ReciPruneError
 from reciprune.progress import progress_bar
 from reciprune.recipe.schema import Stage
@@ -339,7 +339,6 @@ def callbacks() -> list[FinetuneCallback]:
 class TrainResult:
     """What a training run produced; `history` has one entry per optimizer step."""
 
-    steps: int
     history: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
     tokens: int = 0
@@ -356,15 +355,13 @@ class Trainer:
     eval_data: Any | None
     config: TrainingConfig
     device: torch.device
+    plan: BatchPlan
+    checkpoint_dir: Path
     compute_dtype: torch.dtype = torch.float32
-    checkpoint_dir: Path | None = None
     progress: bool = True
     trainer_state_extra: dict[str, Any] = field(default_factory=dict)
-    plan: BatchPlan | None = None
 
     def __post_init__(self) -> None:
-        if self.plan is None:
-            self.plan = plan_batches(self.config, len(self.train_data), D.world_size())
         self.total_steps = total_steps(self.config, self.plan)
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
@@ -425,9 +422,7 @@ class Trainer:
             self._pending.append(self._step(step))
             done = step + 1
             evaluate = bool(self.config.eval_steps) and done % self.config.eval_steps == 0
-            save = self.checkpoint_dir is not None and bool(self.config.save_steps) and (
-                done % self.config.save_steps == 0
-            )
+            save = bool(self.config.save_steps) and done % self.config.save_steps == 0
             if done == start_step + 1 or done % self.config.logging_steps == 0 or (
                 evaluate or save or done == self.total_steps
             ):  # the first step alone: its warm-up is not averaged into the others
@@ -448,7 +443,7 @@ class Trainer:
         return result
 
     def _begin(self, resume_from: Path | None) -> tuple[TrainResult, int]:
-        result = TrainResult(steps=self.total_steps)
+        result = TrainResult()
         start_step = 0
         if resume_from is not None:
             state = load_training_checkpoint(
@@ -585,20 +580,3 @@ def freeze(model: nn.Module) -> nn.Module:
     for param in model.parameters():
         param.requires_grad_(False)
     return model.eval()
-
-
-def finetune_stage_session(
-    model: nn.Module,
-    stage: Stage,
-    teacher: nn.Module | None,
-    training: TrainingContext | None = None,
-    total_steps: int | None = None,
-) -> LifecycleSession:
-    return LifecycleSession(
-        model,
-        stage.modifiers,
-        teacher=teacher,
-        run_type="finetune",
-        training=training,
-        total_steps=total_steps,
-    )

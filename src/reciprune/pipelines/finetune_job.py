@@ -187,7 +187,7 @@ def _load_models(run: _FinetuneRun) -> tuple[nn.Module, Any, nn.Module | None]:
         F.freeze(teacher)
     if D.is_main_process():
         D.barrier()
-    run.timings["load_model"] = time.perf_counter() - t0
+    run.timed("load_model", t0)
     return model, tokenizer, teacher
 
 
@@ -217,7 +217,7 @@ def _load_data(run: _FinetuneRun, tokenizer: Any) -> tuple[Any, Any, Any]:
                 "(0 turns the eval loss off) or use more data."
             )
         train_data, eval_data = data.split(config.eval_samples, seed=config.seed)
-    run.timings["load_data"] = time.perf_counter() - t0
+    run.timed("load_data", t0)
     return train_data, eval_data, data
 
 
@@ -235,6 +235,7 @@ def _prepare(
 ) -> tuple[LifecycleSession, dict | None]:
     """The stage's session with its collaborators, `on_prepare` run, the 4-bit base quantized
     and the models sharded; returns the session and the 4-bit base's description."""
+    compute_dtype = F.resolve_precision(run.config.precision, run.device)
     if run.config.gradient_checkpointing:
         _enable_gradient_checkpointing(model)
     model.to(run.device)
@@ -243,7 +244,6 @@ def _prepare(
         # The student's own weights never train under adapters: the teacher can share them.
         shared = not D.is_distributed() and run.base_backend is None and any(
             m.freezes_base for m in run.job.stage.modifiers)  # fmt: skip
-        compute_dtype = F.resolve_precision(run.config.precision, run.device)
         teacher = F.frozen_copy(model, compute_dtype, share=shared)
     if teacher is not None:
         teacher.to(run.device)
@@ -261,7 +261,8 @@ def _prepare(
         base_quantization=run.base_backend,
     )
     total = F.total_steps(run.config, plan)
-    session = F.finetune_stage_session(model, run.job.stage, teacher, context, total)
+    session = LifecycleSession(model, run.job.stage.modifiers, teacher=teacher, training=context,
+                               run_type="finetune", total_steps=total)  # fmt: skip
     for callback in F.callbacks():
         callback.on_prepare()
     base_params = list(model.parameters())
@@ -276,7 +277,6 @@ def _prepare(
         # what they made trainable stays in full precision.
         base_quantization = quantize_base(model, run.base_backend)
     if D.is_distributed():
-        compute_dtype = F.resolve_precision(run.config.precision, run.device)
         F.shard_model(model, compute_dtype)
         if teacher is not None:
             F.shard_model(teacher, compute_dtype)

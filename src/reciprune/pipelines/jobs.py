@@ -119,6 +119,6 @@ def load_job(data: dict[str, Any], **overrides: Any) -> Job:
         "recipe": recipe if isinstance(recipe, Recipe) else load_recipe(recipe),
         "output": data.get("output"),
         **data.get("options", {}),
+        **overrides,
     }
-    fields.update(overrides)
     return cls.model_validate(fields)

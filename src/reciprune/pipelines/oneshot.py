@@ -245,16 +245,12 @@ def _load(run: _OneshotRun) -> tuple[nn.Module, Any]:
     return model, tokenizer
 
 
-def _needs_data(stage: Stage) -> bool:
-    return any(m.requires_data for m in stage.modifiers)
-
-
 def _load_data(run: _OneshotRun, tokenizer: Any) -> None:
     """Each stage's calibration data (stages with the same options share one load)."""
     t0 = time.perf_counter()
     loaded: dict[str, CalibrationData] = {}
     for stage in run.job.recipe.stages:
-        if not _needs_data(stage):
+        if not any(m.requires_data for m in stage.modifiers):
             continue
         options = run.job.stage_calibration(stage)
         key = options.model_dump_json(include={"dataset", "num_calibration_samples",

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 from reciprune.errors import ReciPruneError
 from reciprune.export.formats.base import CheckpointContents, CheckpointFormat
-from reciprune.export.formats.dense import SPARSITY_CONFIG_KEY, DenseFormat
+from reciprune.export.formats.dense import SPARSITY_CONFIG_KEY, DenseFormat, StreamedDenseFormat
 from reciprune.export.formats.quantized import QuantizedFormat
-from reciprune.export.formats.streamed import StreamedDenseFormat
 from reciprune.recipe.options import SPARSE_FORMATS_UNAVAILABLE
 
 __all__ = ["SPARSITY_CONFIG_KEY", "CheckpointContents", "CheckpointFormat", "choose_format"]

@@ -53,7 +53,8 @@ class QuantizedFormat(CheckpointFormat):
             compressor.compress_model(model)
         # Fused mixture-of-experts weights are written as they are in memory: transformers
         # loads a quantized checkpoint without converting per-expert names back.
-        model.save_pretrained(folder, save_original_format=not _has_fused_experts(model))
+        fused = any(is_fused_experts(module) for module in model.modules())
+        model.save_pretrained(folder, save_original_format=not fused)
         compressor.update_config(str(folder))
         _ignore_by_in_memory_name(model, folder)
         add_sparsity_metadata(folder, contents.sparsity)
@@ -118,7 +119,3 @@ def _modules_the_loader_cannot_init_packed(model: PreTrainedModel) -> list[str]:
         except Exception:  # noqa: BLE001, S112 - any other complaint is about the empty probe itself
             continue
     return sorted(failing)
-
-
-def _has_fused_experts(model: PreTrainedModel) -> bool:
-    return any(is_fused_experts(module) for module in model.modules())

@@ -20,6 +20,7 @@ from torch import nn
 
 from reciprune.core.layer_io import LayerStep
 from reciprune.core.layers import find_decoder_layers
+from reciprune.core.placement import InMemory
 from reciprune.core.reconstruction import ReconstructionProbe
 from reciprune.core.session import LifecycleSession
 from reciprune.errors import ReciPruneError
@@ -73,8 +74,6 @@ class CalibrationPipeline(ABC):
         started = time.perf_counter()
         self.timings = {}
         if self.placement is None:
-            from reciprune.core.placement import InMemory
-
             self.placement = InMemory(model)
         probe = ReconstructionProbe(exact=self.exact_error)
         session = LifecycleSession(model, modifiers, run_type="oneshot", probe=probe)
