@@ -7,6 +7,7 @@ loads in a few seconds and the rest of reciprune only ever sees ordinary Hugging
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import json
@@ -97,21 +98,17 @@ def file_sha256(path: str | Path) -> str:
     stat = path.stat()
     key = hashlib.sha256(f"{path}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()
     sidecar = cache_root() / "sha256" / f"{key}.txt"
-    try:
+    with contextlib.suppress(OSError):
         cached = sidecar.read_text(encoding="utf-8").strip()
         if re.fullmatch(r"[0-9a-f]{64}", cached):
             return cached
-    except OSError:
-        pass
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         while chunk := handle.read(_HASH_CHUNK):
             digest.update(chunk)
     value = digest.hexdigest()
-    try:
+    with contextlib.suppress(OSError):  # a read-only cache only costs a re-hash next time
         write_text_atomic(sidecar, value + "\n")
-    except OSError:
-        pass  # a read-only cache only costs a re-hash next time
     return value
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,6 @@ class RegistryDataset:
     #: True: concatenate the text column and cut chunks; False: one sample per row.
     raw_text: bool = False
     text_field: str | None = None
-    load_kwargs: dict[str, Any] = field(default_factory=dict)
 
 
 REGISTRY: dict[str, RegistryDataset] = {
@@ -198,11 +197,7 @@ def _read_registry(name: str) -> Any:
     entry = REGISTRY[name]
     try:
         return datasets.load_dataset(
-            entry.path,
-            entry.name,
-            split=entry.split,
-            data_files=entry.data_files,
-            **entry.load_kwargs,
+            entry.path, entry.name, split=entry.split, data_files=entry.data_files
         )
     except Exception as exc:  # noqa: BLE001 - offline failures surface as many types
         raise DataError(
@@ -276,12 +271,13 @@ def _pad_rows(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[Tensor, Tenso
     return input_ids, attention_mask
 
 
-def _fingerprint(source: str, input_ids: Tensor, attention_mask: Tensor) -> str:
+def _calibration_data(source: str, input_ids: Tensor, attention_mask: Tensor) -> CalibrationData:
+    """The samples with their fingerprint: sha256 over source, shape, ids and mask."""
     digest = hashlib.sha256(source.encode() + b"\0")
     digest.update(str(tuple(input_ids.shape)).encode())
     digest.update(input_ids.contiguous().numpy().tobytes())
     digest.update(attention_mask.contiguous().numpy().tobytes())
-    return digest.hexdigest()
+    return CalibrationData(input_ids, attention_mask, digest.hexdigest(), source)
 
 
 def _from_raw_text(
@@ -301,9 +297,7 @@ def _from_raw_text(
         stream, num_samples=num_samples, max_seq_length=max_seq_length, seed=seed, where=source
     )
     attention_mask = torch.ones_like(input_ids)
-    return CalibrationData(
-        input_ids, attention_mask, _fingerprint(source, input_ids, attention_mask), source
-    )
+    return _calibration_data(source, input_ids, attention_mask)
 
 
 def _require_samples(source: str, found: int, num_samples: int, what: str) -> None:
@@ -347,9 +341,7 @@ def _from_pretokenized(
         for row, i in enumerate(keep):
             attention_mask[row, : len(masks[i])] = torch.as_tensor(masks[i], dtype=torch.long)
     _require_samples(source, len(ids), num_samples, "pre-tokenized rows")
-    return CalibrationData(
-        input_ids, attention_mask, _fingerprint(source, input_ids, attention_mask), source
-    )
+    return _calibration_data(source, input_ids, attention_mask)
 
 
 def _from_rows(
@@ -394,9 +386,7 @@ def _from_rows(
         raise DataError(f"{source} has no non-empty text rows. {_WHAT_TO_DO}")
     _require_samples(source, len(rows), num_samples, "usable rows")
     input_ids, attention_mask = _pad_rows(rows, _pad_id(tokenizer))
-    return CalibrationData(
-        input_ids, attention_mask, _fingerprint(source, input_ids, attention_mask), source
-    )
+    return _calibration_data(source, input_ids, attention_mask)
 
 
 def read_text_file(path: Path) -> str:

@@ -52,6 +52,7 @@ from reciprune.data.calibration import (
     _alpaca_text,
     _local_path,
     _pad_id,
+    _pad_rows,
     _read_registry,
     _read_rows,
     read_text_file,
@@ -119,13 +120,9 @@ class TrainingData:
         rows = [self.examples[i] for i in indices]
         if not rows:
             raise ValueError("collate needs at least one example index")
-        length = max(len(ids) for ids, _ in rows)
-        input_ids = torch.full((len(rows), length), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
-        labels = torch.full((len(rows), length), IGNORE_INDEX, dtype=torch.long)
-        for row, (ids, targets) in enumerate(rows):
-            input_ids[row, : len(ids)] = torch.as_tensor(ids, dtype=torch.long)
-            attention_mask[row, : len(ids)] = 1
+        input_ids, attention_mask = _pad_rows([ids for ids, _ in rows], self.pad_token_id)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        for row, (_, targets) in enumerate(rows):
             labels[row, : len(targets)] = torch.as_tensor(targets, dtype=torch.long)
         return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
@@ -149,17 +146,13 @@ class TrainingData:
         return parts[0], parts[1]
 
 
-def _fingerprint(source: str, examples: Sequence[Example]) -> str:
+def _training_data(examples: list[Example], pad_id: int, source: str, fmt: str) -> TrainingData:
     digest = hashlib.sha256(source.encode() + b"\0")
     for ids, labels in examples:
         digest.update(array("q", [len(ids), len(labels)]).tobytes())
         digest.update(array("q", ids).tobytes())
         digest.update(array("q", labels).tobytes())
-    return digest.hexdigest()
-
-
-def _training_data(examples: list[Example], pad_id: int, source: str, fmt: str) -> TrainingData:
-    return TrainingData(examples, pad_id, _fingerprint(source, examples), source, fmt)
+    return TrainingData(examples, pad_id, digest.hexdigest(), source, fmt)
 
 
 def question_answer_prompt(question: str) -> str:

@@ -75,10 +75,9 @@ def parse_tasks(spec: str | Sequence[str]) -> list[TaskRequest]:
         if not name:
             continue
         if name.startswith(REGISTRY_PREFIX):
-            target = name[len(REGISTRY_PREFIX) :]
-            request = TaskRequest(name, "registry", target)
+            request = TaskRequest(name, "registry", name.removeprefix(REGISTRY_PREFIX))
         else:
-            own = name[len(LOCAL_PREFIX) :] if name.startswith(LOCAL_PREFIX) else name
+            own = name.removeprefix(LOCAL_PREFIX)
             if own in OWN_TASKS:
                 kind = own if own in ("asdiv", "asdiv_nll") else "local"
                 request = TaskRequest(name, kind, own)
@@ -102,10 +101,10 @@ def parse_tasks(spec: str | Sequence[str]) -> list[TaskRequest]:
     return list(requests.values())
 
 
-def require_lm_eval() -> Any:
-    """The `lm_eval` module, or a clear error saying how to install it."""
+def require_lm_eval() -> None:
+    """A clear error saying how to install lm-eval when it is missing (or broken)."""
     try:
-        import lm_eval
+        import lm_eval  # noqa: F401
         from lm_eval.models.huggingface import HFLM  # noqa: F401 - fails on a broken install
     except ImportError as exc:
         raise ReciPruneError(
@@ -113,7 +112,6 @@ def require_lm_eval() -> Any:
             f"Install it with: {INSTALL_HINT} (or pip install lm-eval). Perplexity (--ppl) and "
             "the asdiv_nll task work without it."
         ) from exc
-    return lm_eval
 
 
 @contextlib.contextmanager
@@ -190,33 +188,12 @@ def _metrics(raw: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _simple_evaluate(
-    lm: Any, tasks: list[Any], manager: Any, *, limit: float | None, num_fewshot: int | None,
-    apply_chat_template: bool, seed: int,
-) -> dict[str, Any]:  # fmt: skip
-    from lm_eval import simple_evaluate
-
-    return simple_evaluate(
-        model=lm,
-        tasks=tasks,
-        num_fewshot=num_fewshot,
-        limit=limit,
-        task_manager=manager,
-        log_samples=False,
-        # Means (acc, exact_match) get closed-form standard errors whenever this is > 0.
-        bootstrap_iters=1000,
-        apply_chat_template=apply_chat_template,
-        random_seed=seed,
-        numpy_random_seed=seed,
-        torch_random_seed=seed,
-        fewshot_random_seed=seed,
-    )
-
-
 def _run_lm_eval(
     request: TaskRequest, lm: Any, manager: Any, loaded: list[Any] | None, *, limit: float | None, num_fewshot: int | None,
     max_new_tokens: int, apply_chat_template: bool, seed: int,
 ) -> dict[str, Any]:  # fmt: skip
+    from lm_eval import simple_evaluate
+
     from reciprune.evaluation import local_tasks, math_generation
 
     if request.kind == "local":
@@ -228,9 +205,12 @@ def _run_lm_eval(
     else:
         tasks = loaded if loaded is not None else _load_registry_task(request, manager)
         source = f"lm_eval:{request.target}"
-    output = _simple_evaluate(
-        lm, tasks, manager, limit=limit, num_fewshot=num_fewshot,
-        apply_chat_template=apply_chat_template, seed=seed,
+    output = simple_evaluate(
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
+        log_samples=False, apply_chat_template=apply_chat_template,
+        # Means (acc, exact_match) get closed-form standard errors whenever this is > 0.
+        bootstrap_iters=1000,
+        random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
     )  # fmt: skip
     results = output["results"]
     top = [getattr(t, "name", None) or t.task_name for t in tasks]
@@ -257,13 +237,6 @@ def _run_lm_eval(
         record["max_new_tokens"] = max_new_tokens
     record["source"] = source
     return record
-
-
-def _limit_count(limit: float | None) -> int | None:
-    """The `limit` as a number of examples (a fraction < 1 is resolved by the caller)."""
-    if limit is None:
-        return None
-    return int(limit) if limit >= 1 else None
 
 
 @dataclass(frozen=True)
@@ -297,6 +270,7 @@ def _plan(
 ) -> _EvalPlan:  # fmt: skip
     """Check the settings and task names and read every input, so that a mistake, a missing
     lm-eval or an unreachable data set fails before any weights load."""
+    from reciprune.data.calibration import load_eval_texts
     from reciprune.evaluation.math_generation import DEFAULT_MAX_NEW_TOKENS
 
     requests = parse_tasks(tasks) if (tasks or (ppl is None and mt_bench_questions is None)) else []
@@ -313,11 +287,7 @@ def _plan(
         apply_chat_template, seed,
     )  # fmt: skip
     manager, registry_tasks = _prepare_lm_eval(requests)
-    texts = None
-    if ppl is not None:
-        from reciprune.data.calibration import load_eval_texts
-
-        texts = load_eval_texts(None if ppl == "embedded" else ppl)
+    texts = None if ppl is None else load_eval_texts(ppl)  # "embedded": the held-out passages
     questions = None
     if mt_bench_questions is not None:
         questions = _read_mt_bench_questions(mt_bench_questions, limit)
@@ -435,8 +405,8 @@ def _asdiv_nll_record(
     """The gold answers' NLL on the held-out ASDiv problems, for `asdiv` or `asdiv_nll`."""
     from reciprune.evaluation.math_generation import asdiv_answer_nll
 
-    count = _limit_count(limit)
-    if limit is not None and count is None:  # a fraction of the held-out problems
+    count = limit  # a count (`_plan` made it an int) or None
+    if limit is not None and limit < 1:  # a fraction of the held-out problems
         from reciprune.data.embedded import asdiv_problems
 
         count = max(1, math.ceil(limit * len(asdiv_problems("heldout"))))
@@ -457,15 +427,16 @@ def _mt_bench_record(
     from reciprune.evaluation import mt_bench as mt
 
     start = time.perf_counter()
+    max_new_tokens = max_new_tokens or mt.DEFAULT_MAX_NEW_TOKENS
     records = mt.generate_answers(
-        model, tokenizer, questions, model_id=model_id,
-        max_new_tokens=max_new_tokens or mt.DEFAULT_MAX_NEW_TOKENS, progress=progress,
+        model, tokenizer, questions, model_id=model_id, max_new_tokens=max_new_tokens,
+        progress=progress,
     )  # fmt: skip
     path = mt.write_answers(records, answers_path or answers_dir / f"{model_id}.jsonl")
     return {
         "questions": str(questions_path), "answers": str(path), "model_id": model_id,
-        "num_questions": len(records), "max_new_tokens": max_new_tokens
-        or mt.DEFAULT_MAX_NEW_TOKENS, "seconds": time.perf_counter() - start,
+        "num_questions": len(records), "max_new_tokens": max_new_tokens,
+        "seconds": time.perf_counter() - start,
     }  # fmt: skip
 
 
@@ -643,10 +614,8 @@ def merge_into_model_dir(report: dict[str, Any], model_dir: str | os.PathLike[st
     path = Path(model_dir) / EVAL_RESULTS_NAME
     merged: dict[str, Any] = {}
     if path.is_file():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):
             merged = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError:
-            merged = {}
     results = {**merged.get("results", {}), **report.get("results", {})}
     extra = {k: v for k, v in report.items() if k != "results"}
     return write_json({**merged, **extra, "results": results}, path)

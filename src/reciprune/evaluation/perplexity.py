@@ -26,7 +26,7 @@ from reciprune.core.layer_io import (
     to_device,
 )
 from reciprune.core.layers import find_decoder_layers
-from reciprune.data.calibration import separator_ids, token_stream
+from reciprune.data.calibration import _pad_rows, separator_ids, token_stream
 from reciprune.errors import DataError
 from reciprune.progress import progress_bar
 
@@ -63,14 +63,12 @@ def window_spans(
 def _stream(
     texts: Sequence[str], tokenizer: PreTrainedTokenizerBase, needed: int | None
 ) -> list[int]:
-    if needed is None:
-        return token_stream(texts, tokenizer)
     stream: list[int] = []
     for start in range(0, len(texts), _TOKENIZE_SLICE):
         if stream:
             stream.extend(separator_ids(tokenizer))
         stream.extend(token_stream(texts[start : start + _TOKENIZE_SLICE], tokenizer))
-        if len(stream) >= needed:
+        if needed is not None and len(stream) >= needed:
             break
     return stream
 
@@ -134,16 +132,11 @@ def perplexity(
 
 
 def _window_batch(tokens: torch.Tensor, spans: list[tuple[int, int, int]], pad_id: int) -> dict:
-    width = max(end - begin for begin, end, _ in spans)
-    input_ids = torch.full((len(spans), width), pad_id, dtype=torch.long)
-    labels = torch.full((len(spans), width), IGNORE_INDEX, dtype=torch.long)
-    attention_mask = torch.zeros((len(spans), width), dtype=torch.long)
+    input_ids, attention_mask = _pad_rows([tokens[b:e].tolist() for b, e, _ in spans], pad_id)
+    labels = torch.full_like(input_ids, IGNORE_INDEX)
     for row, (begin, end, target_length) in enumerate(spans):
-        length = end - begin
-        input_ids[row, :length] = tokens[begin:end]
-        attention_mask[row, :length] = 1
         # Only the tokens the previous window did not score are targets here.
-        labels[row, length - target_length : length] = tokens[end - target_length : end]
+        labels[row, end - begin - target_length : end - begin] = tokens[end - target_length : end]
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
 
 

@@ -24,7 +24,6 @@ class ConstantPruningModifier(TargetedModifier):
     Under FSDP each process masks its own shard of each weight and of its gradient.
     """
 
-    needs_calibration: ClassVar[bool] = False
     run_types: ClassVar[tuple[str, ...]] = ("oneshot", "finetune")
     produces: ClassVar[frozenset[str]] = frozenset({"sparsity"})
     paper: ClassVar[str] = "SparseML ConstantPruningModifier (Kurtic et al., 'Sparse Fine-tuning "
@@ -38,10 +37,6 @@ class ConstantPruningModifier(TargetedModifier):
             mask = local_tensor(module.weight.data) != 0
             self._masks[name] = mask
             session.records[name].update(mask_sparsity=1.0 - mask.float().mean().item())
-
-    def masks(self) -> dict[str, torch.Tensor]:
-        """The held masks, by module name, in the parameters' own (local shard) layout."""
-        return dict(self._masks)
 
     def on_event(self, session: LifecycleSession, event: Event) -> None:
         if event.type == EventType.OPTIMIZER_PRE_STEP:

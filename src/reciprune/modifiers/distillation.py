@@ -13,10 +13,10 @@ from torch import nn
 from reciprune.algorithms.distillation import COMPARISONS
 from reciprune.core.events import Event, EventType
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.targets import validate_target_syntax
-from reciprune.errors import RecipeError, ReciPruneError
+from reciprune.errors import ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.registry import register_modifier
+from reciprune.modifiers.targeted import as_list, checked_patterns
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession
@@ -93,7 +93,6 @@ class OutputDistillationModifier(Modifier):
         "is the sum of the per-layer SquareHead losses.",
     )
 
-    needs_calibration: ClassVar[bool] = False
     needs_teacher: ClassVar[bool] = True
     run_types: ClassVar[tuple[str, ...]] = ("finetune",)
     paper: ClassVar[str] = (
@@ -137,23 +136,14 @@ class OutputDistillationModifier(Modifier):
             data.pop(key)
         return data
 
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    _targets_as_list = field_validator("targets", mode="before")(as_list)
 
     @field_validator("targets")
     @classmethod
     def _check_targets(cls, value: list[str] | None) -> list[str] | None:
-        if value is None:
-            return None
-        if not value:
+        if value == []:
             raise ValueError("targets is empty: leave it unset to compare every decoder layer")
-        try:
-            validate_target_syntax(value)
-        except RecipeError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return checked_patterns(value)
 
     @model_validator(mode="after")
     def _check_temperature(self) -> OutputDistillationModifier:

@@ -167,11 +167,6 @@ class ISTModifier(Modifier):
         """N_u: layers whose adapters train at each step."""
         return self._n_update
 
-    @property
-    def num_suppress(self) -> int:
-        """N_s: layers suppressed in each rollout."""
-        return self._n_suppress
-
     def layers_to_update(self, step: int) -> set[int]:
         """Positions (into the scored layers) whose adapters train at `step`."""
         drawn = sample_layers_to_update(

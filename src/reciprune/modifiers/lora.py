@@ -12,10 +12,11 @@ from torch import nn
 
 from reciprune.algorithms.lora import lora_merge
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.targets import LINEAR_ALIAS, is_linear_like, validate_target_syntax
-from reciprune.errors import RecipeError, ReciPruneError
+from reciprune.core.targets import LINEAR_ALIAS, is_linear_like
+from reciprune.errors import ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.registry import register_modifier
+from reciprune.modifiers.targeted import as_list, checked_patterns
 
 if TYPE_CHECKING:
     from torch import Tensor
@@ -75,10 +76,7 @@ class LoRAModifier(Modifier):
     adds_layer_parameters: ClassVar[bool] = True
     freezes_base: ClassVar[bool] = True
 
-    @field_validator("targets", mode="before")
-    @classmethod
-    def _as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
+    _targets_as_list = field_validator("targets", mode="before")(as_list)
 
     @field_validator("targets")
     @classmethod
@@ -86,11 +84,7 @@ class LoRAModifier(Modifier):
         if not value:
             raise ValueError("targets is empty: leave it unset to adapt every Linear of the "
                              "decoder layers, or name modules like 'q_proj'")
-        try:
-            validate_target_syntax(value)
-        except RecipeError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+        return checked_patterns(value)
 
     @property
     def scaling(self) -> float:

@@ -57,7 +57,6 @@ class PruningModifier(TargetedModifier):
 
     needs_calibration: ClassVar[bool] = True
     needs_hessian: ClassVar[bool] = False
-    run_types: ClassVar[tuple[str, ...]] = ("oneshot",)
     produces: ClassVar[frozenset[str]] = frozenset({"sparsity"})
     legacy_fields: ClassVar[dict[str, str | None]] = {
         "sequential_update": None,
@@ -86,11 +85,8 @@ class PruningModifier(TargetedModifier):
     @field_validator("sparsity")
     @classmethod
     def _check_sparsity(cls, value: SparsitySpec) -> SparsitySpec:
-        if isinstance(value, dict):
-            values = list(value.values())
-        else:
-            values = value if isinstance(value, list) else [value]
-        for s in values:
+        values = list(value.values()) if isinstance(value, dict) else value
+        for s in values if isinstance(values, list) else [values]:
             if not 0.0 <= float(s) < 1.0:
                 raise ValueError(f"sparsity {s} is outside [0, 1): 0.5 prunes half the weights")
         if isinstance(value, dict):

@@ -37,7 +37,7 @@ from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
 from reciprune.modifiers.registry import register_modifier
-from reciprune.modifiers.targeted import TargetedModifier, misfit_modules
+from reciprune.modifiers.targeted import TargetedModifier, misfit_modules, select_in_layers
 
 if TYPE_CHECKING:
     from compressed_tensors.quantization import QuantizationScheme
@@ -242,12 +242,7 @@ class QuantizationModifier(TargetedModifier):
         """Find the targeted modules (and a named head), check them, assign each its scheme;
         returns the selected modules by full name."""
         layers_name, layers = find_decoder_layers(session.model)
-        self._layers_name = layers_name
-        self._targets: dict[int, dict[str, nn.Module]] = {}
-        for index, layer in enumerate(layers):
-            found = resolve_targets(layer, self.targets, self.ignore, prefix=f"{layers_name}.{index}")
-            if found:
-                self._targets[index] = found
+        self._targets = select_in_layers(layers_name, layers, self.targets, self.ignore)
         self._head = self._named_head(session.model)
         selected = {**self.targeted_modules(), **self._head}
         if not selected:

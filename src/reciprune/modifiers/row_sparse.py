@@ -116,7 +116,6 @@ class RowSparseFinetuneModifier(TargetedModifier):
     )
     seed: int = Field(0, description="Seed of the ZO perturbations and of the kaiming init.")
 
-    needs_calibration: ClassVar[bool] = False
     run_types: ClassVar[tuple[str, ...]] = ("finetune",)
     #: Adds per-layer trainable parameters (ISTModifier can schedule them).
     adds_layer_parameters: ClassVar[bool] = True
@@ -364,8 +363,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
         return out
 
     def _weight(self, state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        W = state[f"{name}.weight"]
-        return W.t() if type(self._modules[name]).__name__ == "Conv1D" else W
+        return _as_matrix(self._modules[name], state[f"{name}.weight"])
 
     def export_files(self, state: dict[str, torch.Tensor]) -> dict[str, bytes]:
         from safetensors.torch import save
@@ -382,8 +380,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
         state = dict(state)
         for name, (delta, rows) in deltas.items():
             merged = merge_row_delta(self._weight(state, name), delta, rows)
-            conv1d = type(self._modules[name]).__name__ == "Conv1D"
-            state[f"{name}.weight"] = merged.t().contiguous() if conv1d else merged
+            state[f"{name}.weight"] = _as_matrix(self._modules[name], merged).contiguous()
             del state[f"{name}.{DELTA}"], state[f"{name}.{ROWS}"]
         return state
 

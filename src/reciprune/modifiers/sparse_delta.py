@@ -33,8 +33,6 @@ INDICES, VALUES = "delta_indices", "delta_values"
 #: The file export_files writes: `<module>.indices`, `<module>.values`, `<module>.shape`.
 DELTAS_FILE = "sparse_deltas.safetensors"
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-
 
 @register_modifier
 class SparseDeltaModifier(TargetedModifier):
@@ -105,7 +103,6 @@ class SparseDeltaModifier(TargetedModifier):
         "ConstantPruningModifier.",
     )
 
-    needs_calibration: ClassVar[bool] = False
     run_types: ClassVar[tuple[str, ...]] = ("finetune",)
     #: Adds per-layer trainable parameters (ISTModifier can schedule them).
     adds_layer_parameters: ClassVar[bool] = True
@@ -197,7 +194,7 @@ class SparseDeltaModifier(TargetedModifier):
                 order = allowed
             indices = order[:k].sort().values
             module.register_buffer(INDICES, indices.to(weight.device))
-            values = torch.zeros(k, dtype=_DTYPES[self.param_dtype], device=weight.device)
+            values = torch.zeros(k, dtype=getattr(torch, self.param_dtype), device=weight.device)
             module.register_parameter(VALUES, nn.Parameter(values))
             self._modules[name] = module
             self._shapes[name] = tuple(weight.shape)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field, field_validator
@@ -14,6 +15,20 @@ from reciprune.modifiers.base import Modifier
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession
+
+
+def as_list(value: Any) -> Any:
+    """Field validator (before): a single pattern written as a string is a list of one."""
+    return [value] if isinstance(value, str) else value
+
+
+def checked_patterns(value: list[str] | None) -> list[str] | None:
+    """Field validator: target patterns with their syntax checked (None passes)."""
+    try:
+        validate_target_syntax(value or [])
+    except RecipeError as exc:
+        raise ValueError(str(exc)) from None
+    return value
 
 
 class TargetedModifier(Modifier):
@@ -29,29 +44,13 @@ class TargetedModifier(Modifier):
         default_factory=list,
         description="Modules to leave dense, in the same syntax as targets.",
     )
-    @field_validator("targets", "ignore", mode="before")
-    @classmethod
-    def _as_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @field_validator("targets", "ignore")
-    @classmethod
-    def _check_patterns(cls, value: list[str]) -> list[str]:
-        try:
-            validate_target_syntax(value)
-        except RecipeError as exc:
-            raise ValueError(str(exc)) from None
-        return value
+    _patterns_as_list = field_validator("targets", "ignore", mode="before")(as_list)
+    _check_patterns = field_validator("targets", "ignore")(checked_patterns)
 
     def on_initialize(self, session: LifecycleSession) -> None:
         layers_name, layers = find_decoder_layers(session.model)
-        self._layers_name = layers_name
         self._num_layers = len(layers)
-        self._targets: dict[int, dict[str, nn.Module]] = {}
-        for index, layer in enumerate(layers):
-            found = resolve_targets(layer, self.targets, self.ignore, prefix=f"{layers_name}.{index}")
-            if found:
-                self._targets[index] = found
+        self._targets = select_in_layers(layers_name, layers, self.targets, self.ignore)
         if not self._targets:
             raise RecipeError(
                 f"{self.type_name()}: targets {self.targets} (ignore {self.ignore}) select no "
@@ -67,6 +66,18 @@ class TargetedModifier(Modifier):
         """Raise a RecipeError when the selected modules (full name → module) cannot take this
         modifier's settings, e.g. a shape they need; `reciprune recipe check` calls it on the
         model built from its config (meta tensors). Nothing to check by default."""
+
+
+def select_in_layers(
+    layers_name: str, layers: Sequence[nn.Module], targets: list[str], ignore: list[str]
+) -> dict[int, dict[str, nn.Module]]:
+    """Decoder-layer index → the modules (by full name) `targets` select in it less `ignore`;
+    layers where nothing is selected are left out."""
+    selected = {}
+    for index, layer in enumerate(layers):
+        if found := resolve_targets(layer, targets, ignore, prefix=f"{layers_name}.{index}"):
+            selected[index] = found
+    return selected
 
 
 def misfit_modules(bad: dict[str, int]) -> tuple[str, str]:

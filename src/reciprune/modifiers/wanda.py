@@ -23,7 +23,6 @@ class WandaModifier(PruningModifier):
     ‖X_j‖₂ is the norm of input feature j over all calibration tokens of the layer's input.
     """
 
-    needs_hessian: ClassVar[bool] = False
     paper: ClassVar[str] = (
         "Sun, Liu, Bair & Kolter, 'A Simple and Effective Pruning Approach for Large Language "
         "Models', ICLR 2024"

@@ -316,9 +316,8 @@ def _plain_stage(entries: Any, top: tuple[str, ...], label: str) -> _RawStage:
         raise _fail(where, "the list of modifiers is empty. Add '- type: ModifierName' entries.")
     if not isinstance(entries, list):
         raise _fail(where, f"'modifiers' must be a list of modifier entries, not {_kind(entries)}.")
-    prefix = label or ""
     modifiers = [
-        _modifier_entry(entry, (*top, f"{prefix}[{i}]")) for i, entry in enumerate(entries)
+        _modifier_entry(entry, (*top, f"{label}[{i}]")) for i, entry in enumerate(entries)
     ]
     return _RawStage(DEFAULT_STAGE, None, modifiers, where)
 

@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.targets import resolve_targets, unmatched_patterns
+from reciprune.core.targets import unmatched_patterns
 from reciprune.errors import ModelLoadError, RecipeError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
-from reciprune.modifiers.targeted import TargetedModifier
+from reciprune.modifiers.targeted import TargetedModifier, select_in_layers
 from reciprune.recipe.schema import Recipe, Stage
 
 if TYPE_CHECKING:
@@ -32,7 +33,7 @@ def describe_plan(recipe: Recipe, config: PretrainedConfig | None = None) -> str
         layers_name, layers = find_decoder_layers(model)
         total = sum(p.numel() for p in model.parameters())
         lines.append(
-            f"Model: {type(model).__name__}, {_count(total)} parameters, {len(layers)} decoder "
+            f"Model: {type(model).__name__}, {total:,} parameters, {len(layers)} decoder "
             f"layers in '{layers_name}' (built from its config, no weights)"
         )
     for number, stage in enumerate(recipe.stages, 1):
@@ -113,13 +114,7 @@ def _target_lines(model: nn.Module, stage: Stage, modifier: TargetedModifier) ->
             f"'Linear', module names such as '{example}', or 're:' regexes matched against module "
             "names (or their '.weight' parameter names)."
         )
-    selected = {
-        index: resolve_targets(
-            layer, modifier.targets, modifier.ignore, prefix=f"{layers_name}.{index}"
-        )
-        for index, layer in enumerate(layers)
-    }
-    selected = {index: found for index, found in selected.items() if found}
+    selected = select_in_layers(layers_name, layers, modifier.targets, modifier.ignore)
     if not selected:
         raise RecipeError(
             f"{where}: {modifier.targets} (ignore {modifier.ignore}) select no Linear module "
@@ -133,7 +128,7 @@ def _target_lines(model: nn.Module, stage: Stage, modifier: TargetedModifier) ->
     lines = _module_groups(selected, layers_name, len(layers))
     weights = sum(m.weight.numel() for found in selected.values() for m in found.values())
     total = sum(p.numel() for p in model.parameters())
-    line = f"{_count(weights)} weights, {100 * weights / total:.1f}% of the model's parameters"
+    line = f"{weights:,} weights, {100 * weights / total:.1f}% of the model's parameters"
     if isinstance(modifier, PruningModifier):
         line += _pruned_estimate(stage, modifier, selected, len(layers), total)
     lines.append(line)
@@ -161,7 +156,7 @@ def _pruned_estimate(
         )
     except RecipeError as exc:
         raise RecipeError(f"stage '{stage.name}'{_SEP}{exc}") from None
-    return f"; about {_count(round(zeros))} set to zero ({100 * zeros / total:.1f}% of the model)"
+    return f"; about {round(zeros):,} set to zero ({100 * zeros / total:.1f}% of the model)"
 
 
 def _module_groups(
@@ -198,22 +193,14 @@ def _compact(names: list[str]) -> str:
 def _brace(leaves: list[str]) -> str:
     if len(leaves) == 1:
         return leaves[0]
-    prefix = _common_prefix(leaves)
+    prefix = os.path.commonprefix(leaves)
     prefix = prefix[: prefix.rfind("_") + 1]  # factor out whole words only
-    suffix = _common_prefix([leaf[::-1] for leaf in leaves])[::-1]
+    suffix = os.path.commonprefix([leaf[::-1] for leaf in leaves])[::-1]
     suffix = suffix[suffix.find("_") :] if "_" in suffix else ""
     stems = [leaf[len(prefix) : len(leaf) - len(suffix)] for leaf in leaves]
     if not all(stems):
         prefix, suffix, stems = "", "", leaves
     return f"{prefix}{{{','.join(stems)}}}{suffix}"
-
-
-def _common_prefix(words: list[str]) -> str:
-    shortest = min(words, key=len)
-    for i, char in enumerate(shortest):
-        if any(word[i] != char for word in words):
-            return shortest[:i]
-    return shortest
 
 
 def _ranges(indices: list[int]) -> str:
@@ -237,7 +224,3 @@ def _example_name(model: nn.Module, layers_name: str) -> str:
         if name.startswith(f"{layers_name}.0.") and is_linear_like(module):
             return name
     return f"{layers_name}.0"
-
-
-def _count(n: int) -> str:
-    return f"{n:,}"
