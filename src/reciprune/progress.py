@@ -11,7 +11,7 @@ import functools
 import os
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from typing import Any
 
 #: Seconds between two plain progress lines.
@@ -38,10 +38,8 @@ def quiet_library_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
-    try:
-        import datasets
-    except ImportError:  # an optional dependency
-        return
+    import datasets
+
     datasets.disable_progress_bars()
 
 
@@ -61,7 +59,9 @@ class PlainProgress:
         self, iterable: Iterable | None, total: int | None, desc: str, unit: str, initial: int = 0
     ) -> None:
         self.iterable, self.desc, self.unit, self.n = iterable, desc, unit, initial
-        self.total = total if total is not None else _length(iterable)
+        if total is None and isinstance(iterable, Sized):
+            total = len(iterable)
+        self.total = total
         self.postfix = ""
         self._last = time.monotonic()
 
@@ -83,13 +83,6 @@ class PlainProgress:
 
     def close(self) -> None:
         """Nothing to clear: plain lines stay as they are."""
-
-
-def _length(iterable: Iterable | None) -> int | None:
-    try:
-        return len(iterable)  # type: ignore[arg-type]
-    except TypeError:
-        return None
 
 
 def progress_bar(

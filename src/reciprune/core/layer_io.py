@@ -8,7 +8,7 @@ walks the model layer by layer.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -40,21 +40,18 @@ class LayerInputs:
     kwargs: dict[str, Any]
 
 
-def _detach(value: Any) -> Any:
+def _map_tensors(value: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """`fn` of every tensor in `value` (also inside tuples); anything else unchanged."""
     if isinstance(value, torch.Tensor):
-        return value.detach()
+        return fn(value)
     if isinstance(value, tuple):
-        return tuple(_detach(v) for v in value)
+        return tuple(_map_tensors(v, fn) for v in value)
     return value
 
 
 def to_device(value: Any, device: torch.device) -> Any:
     """Tensors (also inside tuples) moved to `device`; anything else unchanged."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, tuple):
-        return tuple(to_device(v, device) for v in value)
-    return value
+    return _map_tensors(value, lambda t: t.to(device, non_blocking=True))
 
 
 @torch.no_grad()
@@ -70,7 +67,7 @@ def capture_layer_inputs(
     def hook(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
         kwargs = dict(kwargs)
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        extra = {k: _detach(v) for k, v in kwargs.items()}
+        extra = {k: _map_tensors(v, torch.Tensor.detach) for k, v in kwargs.items()}
         captured.append(LayerInputs(hidden.detach(), extra))
         raise _StopForward
 

@@ -64,9 +64,6 @@ class ShardReader:
         """Tensor `name` readable a block of rows (first dimension) at a time."""
         return StoredRows(self.folder / self.file_of[name], name)
 
-    def nbytes(self) -> int:
-        return sum((self.folder / f).stat().st_size for f in set(self.file_of.values()))
-
 
 class StoredRows:
     """One stored tensor, read by blocks of rows without reading the rest of it."""

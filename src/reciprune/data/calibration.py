@@ -422,6 +422,22 @@ def _local_path(spec: str) -> Path:
     return path
 
 
+def _read_dataset(dataset: str | None) -> tuple[str, Any]:
+    """(source, rows) of a dataset spec, for calibration and training: a `datasets.Dataset`, or
+    a list of dicts: one {"text": …} row per document of the embedded passages or a .txt file,
+    or the question/answer rows of ASDiv's train split."""
+    if dataset is None or dataset == DEFAULT_DATASET:
+        return "embedded:boolq-dev-passages", [{"text": t} for t in embedded_calibration_texts()]
+    if dataset == "asdiv":
+        return "asdiv:train", asdiv_problems("train")
+    if dataset in REGISTRY:
+        return dataset, _read_registry(dataset)
+    path = _local_path(dataset)
+    if path.is_file() and path.suffix.lower() == ".txt":
+        return dataset, [{"text": read_text_file(path)}]
+    return dataset, _read_rows(path, dataset)
+
+
 def load_calibration(
     dataset: str | None,
     tokenizer: PreTrainedTokenizerBase,
@@ -437,48 +453,23 @@ def load_calibration(
             f"num_samples and max_seq_length must be positive (got {num_samples} and "
             f"{max_seq_length})."
         )
-    common = {"num_samples": num_samples, "max_seq_length": max_seq_length}
-    if dataset is None or dataset == DEFAULT_DATASET:
-        return _from_raw_text(
-            embedded_calibration_texts(),
-            tokenizer,
-            source="embedded:boolq-dev-passages",
-            seed=seed,
-            **common,
-        )
-    if dataset == "asdiv":  # the packaged math problems, train split (as fine-tuning uses)
+    common = {"num_samples": num_samples, "max_seq_length": max_seq_length, "seed": seed}
+    source, rows = _read_dataset(dataset)
+    entry = REGISTRY.get(source)
+    if dataset == "asdiv":  # the packaged math problems, in their question/answer layout
         from datasets import Dataset
 
-        rows = Dataset.from_list(asdiv_problems("train"))
         return _from_rows(
-            rows, tokenizer, source="asdiv:train", seed=seed, text_field=None, **common
+            Dataset.from_list(rows), tokenizer, source=source, text_field=None, **common
         )
-    if dataset in REGISTRY:
-        entry = REGISTRY[dataset]
-        rows = _read_registry(dataset)
-        if entry.raw_text:
-            field_name = text_field or entry.text_field or "text"
-            return _from_raw_text(rows[field_name], tokenizer, source=dataset, seed=seed, **common)
-        return _from_rows(
-            rows,
-            tokenizer,
-            source=dataset,
-            seed=seed,
-            text_field=text_field or entry.text_field,
-            **common,
-        )
-    path = _local_path(dataset)
-    if path.is_file() and path.suffix.lower() == ".txt":
-        text = read_text_file(path)
-        return _from_raw_text([text], tokenizer, source=dataset, seed=seed, **common)
-    return _from_rows(
-        _read_rows(path, dataset),
-        tokenizer,
-        source=dataset,
-        seed=seed,
-        text_field=text_field,
-        **common,
-    )
+    if isinstance(rows, list):  # the embedded passages or a .txt file: raw text
+        return _from_raw_text([row["text"] for row in rows], tokenizer, source=source, **common)
+    if entry is not None and entry.raw_text:
+        texts = rows[text_field or entry.text_field or "text"]
+        return _from_raw_text(texts, tokenizer, source=source, **common)
+    if entry is not None:
+        text_field = text_field or entry.text_field
+    return _from_rows(rows, tokenizer, source=source, text_field=text_field, **common)
 
 
 def load_eval_texts(path: str | None, *, text_field: str | None = None) -> list[str]:

@@ -46,21 +46,16 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from reciprune.data.calibration import (
-    DEFAULT_DATASET,
     REGISTRY,
     TEXT_FIELDS,
     _alpaca_text,
-    _local_path,
     _pad_id,
     _pad_rows,
-    _read_registry,
-    _read_rows,
-    read_text_file,
+    _read_dataset,
     row_formatter,
     separator_ids,
     token_stream,
 )
-from reciprune.data.embedded import asdiv_problems, embedded_calibration_texts
 from reciprune.errors import DataError
 
 #: Label of a token that takes no loss (the ignore index of PyTorch's cross-entropy).
@@ -560,47 +555,19 @@ def load_training_data(
 ) -> TrainingData:
     """Tokenized training examples from `dataset` (see the module docstring for specs/layouts)."""
     _check_options(max_seq_length, max_samples, data_format)
-    rows: Any
-    if dataset is None or dataset == DEFAULT_DATASET:
-        source = "embedded:boolq-dev-passages"
-        rows = [{"text": text} for text in embedded_calibration_texts()]
-    elif dataset == "asdiv":
-        source, rows = "asdiv:train", asdiv_problems("train")
-    elif dataset in REGISTRY:
-        source, rows = dataset, _read_registry(dataset)
-        if data_format in ("auto", "raw_text"):
-            text_field = text_field or REGISTRY[dataset].text_field
-    else:
-        path, source = _local_path(dataset), dataset
-        if path.is_file() and path.suffix.lower() == ".txt":
-            rows = [{"text": read_text_file(path)}]
-        else:
-            rows = _read_rows(path, dataset)
+    source, rows = _read_dataset(dataset)
+    if dataset in REGISTRY and data_format in ("auto", "raw_text"):
+        text_field = text_field or REGISTRY[dataset].text_field
     if len(rows) == 0:
         raise DataError(f"{source} has no rows. Pass a dataset with at least one example.")
     fmt, column = _resolve_format(_columns(rows), data_format, text_field, source)
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
+    common = {"max_seq_length": max_seq_length, "max_samples": max_samples, "source": source}
     if fmt == "raw_text":
         assert column is not None
-        examples = _raw_text(
-            rows,
-            order,
-            column,
-            tokenizer,
-            max_seq_length=max_seq_length,
-            max_samples=max_samples,
-            source=source,
-        )
+        examples = _raw_text(rows, order, column, tokenizer, **common)
     else:
         examples = _row_examples(
-            rows,
-            order,
-            fmt,
-            tokenizer,
-            max_seq_length=max_seq_length,
-            response_only=response_only,
-            packing=packing,
-            max_samples=max_samples,
-            source=source,
+            rows, order, fmt, tokenizer, response_only=response_only, packing=packing, **common
         )
     return _training_data(examples, _pad_id(tokenizer), source, fmt)

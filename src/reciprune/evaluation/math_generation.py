@@ -68,11 +68,6 @@ def is_correct(generation: str, gold: str) -> bool:
     return all(_same(a, b) for a, b in zip(found[-len(expected) :], expected, strict=True))
 
 
-def asdiv_docs() -> tuple[list[dict[str, str]], list[dict[str, str]]]:
-    """(evaluated problems: the held-out split, few-shot pool: the train split)."""
-    return asdiv_problems("heldout"), asdiv_problems("train")
-
-
 def _doc_to_text(doc: dict[str, Any]) -> str:
     return question_answer_prompt(doc["question"])
 
@@ -87,7 +82,7 @@ def lm_eval_task(max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Any:
     from lm_eval.api.task import ConfigurableTask
 
     def dataset(**_: Any) -> datasets.DatasetDict:
-        evaluated, pool = asdiv_docs()
+        evaluated, pool = asdiv_problems("heldout"), asdiv_problems("train")  # few-shot: train
         return datasets.DatasetDict(
             {"test": datasets.Dataset.from_list(evaluated), "train": datasets.Dataset.from_list(pool)}
         )
@@ -120,8 +115,7 @@ def asdiv_answer_nll(
     """Gold-answer NLL on the first `limit` held-out problems (all when None)."""
     from reciprune.evaluation.answer_loss import answer_loss
 
-    problems = asdiv_problems("heldout")
-    problems = problems[:limit] if limit is not None else problems
+    problems = asdiv_problems("heldout")[:limit]
     result = answer_loss(model, tokenizer, problems, batch_size=batch_size, progress=progress)
     return {
         "answer_nll": result.nll_per_token,
