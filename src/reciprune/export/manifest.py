@@ -53,6 +53,8 @@ def package_versions() -> dict[str, str]:
             versions[name] = importlib.metadata.version(name)
         except importlib.metadata.PackageNotFoundError:
             versions[name] = "not installed"
+    # torch's own string names the build (2.10.0+cu128, 2.13.0+cpu); the wheel metadata may not.
+    versions["torch"] = torch.__version__
     versions["python"] = platform.python_version()
     return versions
 

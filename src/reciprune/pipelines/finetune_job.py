@@ -222,11 +222,7 @@ def _load_data(run: _FinetuneRun, tokenizer: Any) -> tuple[Any, Any, Any]:
 
 
 def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    # transformers 5 renamed the method; older versions only have the first name.
-    if hasattr(model, "activation_checkpointing_enable"):
-        model.activation_checkpointing_enable({"use_reentrant": False})
-    else:
-        model.gradient_checkpointing_enable({"use_reentrant": False})
+    model.activation_checkpointing_enable({"use_reentrant": False})
     model.config.use_cache = False
 
 
