@@ -103,15 +103,18 @@ class NF4Weight:
         return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
+def _padded_blocks(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
+    """The flat `x` zero-padded to whole blocks, as [blocks, blocksize], and each block's absmax."""
+    padded = torch.nn.functional.pad(x, (0, (-x.numel()) % blocksize)).view(-1, blocksize)
+    return padded, padded.abs().amax(dim=1)
+
+
 def _blocks(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     """Absmax per block of the flat float32 `x` and x scaled by its reciprocal into [-1, 1]
     (bitsandbytes multiplies by 1/c_b, clamped away from 0 for all-zero blocks)."""
-    n = x.numel()
-    pad = (-n) % blocksize
-    padded = torch.nn.functional.pad(x, (0, pad)).view(-1, blocksize)
-    absmax = padded.abs().amax(dim=1)
+    padded, absmax = _padded_blocks(x, blocksize)
     scaled = torch.clamp(padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
-    return absmax, scaled.reshape(-1)[:n]
+    return absmax, scaled.reshape(-1)[: x.numel()]
 
 
 def quantize_blockwise_8bit(x: Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE) -> tuple[Tensor, Tensor]:
@@ -122,11 +125,8 @@ def quantize_blockwise_8bit(x: Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE) 
     """
     code = dynamic_map(x.device)
     code[0] = -1.0
-    n = x.numel()
-    pad = (-n) % blocksize
-    padded = torch.nn.functional.pad(x.float(), (0, pad)).view(-1, blocksize)
-    absmax = padded.abs().amax(dim=1)
-    v = (padded / absmax.unsqueeze(1)).reshape(-1)[:n]
+    padded, absmax = _padded_blocks(x.float(), blocksize)
+    v = (padded / absmax.unsqueeze(1)).reshape(-1)[: x.numel()]
     left = (torch.searchsorted(code, v, right=True) - 1).clamp(0, code.numel() - 2)
     right = left + 1
     closer = (v - code[right]).abs() < (v - code[left]).abs()

@@ -21,6 +21,7 @@ merged (`dequantize_state`), a plain Hugging Face checkpoint.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -161,12 +162,13 @@ class NF4Linear(nn.Linear):
         """The dequantized weight (a new tensor, no gradient: the base is frozen)."""
         return self.dequantized(self.nf4_dtype)
 
-    def nf4(self) -> NF4Weight:
-        """The stored NF4 tensor."""
-        scale = getattr(self, ABSMAX_SCALE, None)
+    def nf4(self, stored: Mapping[str, Tensor] | None = None) -> NF4Weight:
+        """The stored NF4 tensor; with `stored` (this module's storage by buffer name, e.g. taken
+        from a state dict), the one those tensors hold."""
+        parts = self._buffers if stored is None else stored
         return NF4Weight(
-            getattr(self, CODES), getattr(self, ABSMAX), (self.out_features, self.in_features),
-            self.nf4_backend.blocksize, scale, getattr(self, ABSMAX_OFFSET, None),
+            parts[CODES], parts[ABSMAX], (self.out_features, self.in_features),
+            self.nf4_backend.blocksize, parts.get(ABSMAX_SCALE), parts.get(ABSMAX_OFFSET),
         )  # fmt: skip
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
@@ -244,10 +246,6 @@ def dequantize_state(state: dict[str, Tensor], model: nn.Module) -> dict[str, Te
         keys = {part: f"{name}.{part}" for part in (CODES, ABSMAX, ABSMAX_SCALE, ABSMAX_OFFSET)}
         if keys[CODES] not in state:
             continue
-        q = NF4Weight(
-            state.pop(keys[CODES]), state.pop(keys[ABSMAX]), (module.out_features, module.in_features),
-            module.nf4_backend.blocksize, state.pop(keys[ABSMAX_SCALE], None),
-            state.pop(keys[ABSMAX_OFFSET], None),
-        )  # fmt: skip
+        q = module.nf4({part: state.pop(key) for part, key in keys.items() if key in state})
         state[f"{name}.weight"] = module.nf4_backend.dequantize(q, module.nf4_dtype)
     return state

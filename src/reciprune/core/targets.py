@@ -21,10 +21,20 @@ def is_linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or type(module).__name__ in ("Conv1D", "ExpertSlice")
 
 
+def stores_transposed(module: nn.Module) -> bool:
+    """Whether the module stores its weight as [in_features, out_features] (GPT-2's Conv1D)."""
+    return type(module).__name__ == "Conv1D"
+
+
+def as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor laid out like `module.weight` as [out, in] (GPT-2's Conv1D stores [in, out]);
+    the transpose is its own inverse, so this also turns such a matrix back into the layout."""
+    return tensor.t() if stores_transposed(module) else tensor
+
+
 def weight_matrix(module: nn.Module) -> torch.Tensor:
     """The module's weight as a [out_features, in_features] view, whatever its storage layout."""
-    weight = module.weight.data
-    return weight.t() if type(module).__name__ == "Conv1D" else weight
+    return as_matrix(module, module.weight.data)
 
 
 def set_weight_matrix(module: nn.Module, matrix: torch.Tensor) -> None:

@@ -65,3 +65,11 @@ class ConstantPruningModifier(TargetedModifier):
             raise ValueError(f"saved ConstantPruningModifier state lacks masks for {missing[:3]}")
         for name in self._masks:
             self._masks[name] = masks[name].to(self._masks[name].device, torch.bool)
+
+
+def keeps_base_zeros(mask_base_zeros: bool | None, session: LifecycleSession) -> bool:
+    """A delta modifier's `mask_base_zeros` setting resolved: unset means on when the stage has
+    a ConstantPruningModifier (its base is sparse and must stay so)."""
+    if mask_base_zeros is not None:
+        return mask_base_zeros
+    return any(isinstance(m, ConstantPruningModifier) for m in session.modifiers)

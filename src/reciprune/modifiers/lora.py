@@ -12,7 +12,7 @@ from torch import nn
 
 from reciprune.algorithms.lora import lora_merge
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.targets import LINEAR_ALIAS, is_linear_like
+from reciprune.core.targets import LINEAR_ALIAS, is_linear_like, stores_transposed
 from reciprune.errors import ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.registry import register_modifier
@@ -102,7 +102,7 @@ class LoRAModifier(Modifier):
                 full = f"{layers_name}.{index}.{name}"
                 selected = any(self._matches(t, full) for t in self.targets)
                 if name and is_linear_like(module) and selected:
-                    found[full] = type(module).__name__ == "Conv1D"
+                    found[full] = stores_transposed(module)
         if not found:
             raise ReciPruneError(
                 f"{self.type_name()}: targets {self.targets} select no Linear module inside the "

@@ -24,9 +24,9 @@ from reciprune.algorithms.row_importance import (
     zo_projected_gradients,
 )
 from reciprune.core import distributed as D
-from reciprune.core.targets import weight_matrix
+from reciprune.core.targets import as_matrix, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
-from reciprune.modifiers.constant import ConstantPruningModifier
+from reciprune.modifiers.constant import keeps_base_zeros
 from reciprune.modifiers.registry import register_modifier
 from reciprune.modifiers.targeted import TargetedModifier
 
@@ -166,7 +166,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
         TargetedModifier.on_initialize(self, session)  # resolves the targets (self._targets)
         self._modules = self._finetuned_modules()
         counts = {name: self._row_count(name, module) for name, module in self._modules.items()}
-        self._mask = self._masking(session)
+        self._mask = keeps_base_zeros(self.mask_base_zeros, session)
         for param in session.model.parameters():
             param.requires_grad_(False)
         backend = self._residual_backend(session)
@@ -260,11 +260,6 @@ class RowSparseFinetuneModifier(TargetedModifier):
             )
         return rows_to_finetune(d_out, rank=rank, ratio=self.finetuning_ratio)
 
-    def _masking(self, session: LifecycleSession) -> bool:
-        if self.mask_base_zeros is not None:
-            return self.mask_base_zeros
-        return any(isinstance(m, ConstantPruningModifier) for m in session.modifiers)
-
     def _scores(self, session: LifecycleSession) -> dict[str, torch.Tensor]:
         """Row importance of every fine-tuned module, by name (float32 [d_out])."""
         modules = self._modules
@@ -303,7 +298,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
         for index, (name, module) in enumerate(self._modules.items()):
             # ĝ is rebuilt one module at a time: only one weight-sized estimate in memory.
             g = zo_gradient(module.weight, index, projected, seed=self.seed)
-            scores[name] = taylor_row_scores(weight_matrix(module), _as_matrix(module, g))
+            scores[name] = taylor_row_scores(weight_matrix(module), as_matrix(module, g))
         return scores
 
     def _taylor_scores(self, batches: list, loss: Any) -> dict[str, torch.Tensor]:
@@ -314,7 +309,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
             for batch in batches:
                 (loss(batch) / len(batches)).backward()
             return {
-                name: taylor_row_scores(weight_matrix(module), _as_matrix(module, module.weight.grad))
+                name: taylor_row_scores(weight_matrix(module), as_matrix(module, module.weight.grad))
                 for name, module in self._modules.items()
             }
         finally:
@@ -363,7 +358,7 @@ class RowSparseFinetuneModifier(TargetedModifier):
         return out
 
     def _weight(self, state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        return _as_matrix(self._modules[name], state[f"{name}.weight"])
+        return as_matrix(self._modules[name], state[f"{name}.weight"])
 
     def export_files(self, state: dict[str, torch.Tensor]) -> dict[str, bytes]:
         from safetensors.torch import save
@@ -380,14 +375,9 @@ class RowSparseFinetuneModifier(TargetedModifier):
         state = dict(state)
         for name, (delta, rows) in deltas.items():
             merged = merge_row_delta(self._weight(state, name), delta, rows)
-            state[f"{name}.weight"] = _as_matrix(self._modules[name], merged).contiguous()
+            state[f"{name}.weight"] = as_matrix(self._modules[name], merged).contiguous()
             del state[f"{name}.{DELTA}"], state[f"{name}.{ROWS}"]
         return state
-
-
-def _as_matrix(module: nn.Module, tensor: torch.Tensor) -> torch.Tensor:
-    """A tensor laid out like `module.weight` as [out, in] (GPT-2's Conv1D stores [in, out])."""
-    return tensor.t() if type(module).__name__ == "Conv1D" else tensor
 
 
 def _same_on_every_process(rows: torch.Tensor) -> torch.Tensor:

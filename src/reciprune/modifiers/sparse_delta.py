@@ -20,8 +20,9 @@ from reciprune.algorithms.spiel import (
 )
 from reciprune.core import distributed as D
 from reciprune.core.events import Event, EventType
+from reciprune.core.targets import stores_transposed
 from reciprune.errors import ReciPruneError
-from reciprune.modifiers.constant import ConstantPruningModifier
+from reciprune.modifiers.constant import keeps_base_zeros
 from reciprune.modifiers.registry import register_modifier
 from reciprune.modifiers.targeted import TargetedModifier
 
@@ -165,11 +166,7 @@ class SparseDeltaModifier(TargetedModifier):
         for param in model.parameters():
             param.requires_grad_(False)
         generator = torch.Generator().manual_seed(self.seed)
-        self._keep_zeros = (
-            self.mask_base_zeros
-            if self.mask_base_zeros is not None
-            else any(isinstance(m, ConstantPruningModifier) for m in session.modifiers)
-        )
+        self._keep_zeros = keeps_base_zeros(self.mask_base_zeros, session)
         self._modules: dict[str, nn.Module] = {}
         self._shapes: dict[str, tuple[int, ...]] = {}
         for (name, module), k in zip(targeted.items(), budget, strict=True):
@@ -209,7 +206,7 @@ class SparseDeltaModifier(TargetedModifier):
             raise RuntimeError(f"{self.type_name()} adds parameters: call session.prepare() first")
 
     def _delta_hook(self, name: str) -> Any:
-        transposed = type(self._modules[name]).__name__ == "Conv1D"  # GPT-2 stores W as [in, out]
+        transposed = stores_transposed(self._modules[name])  # GPT-2 stores W as [in, out]
 
         def hook(module: nn.Module, args: Any, output: torch.Tensor) -> torch.Tensor:
             on_grad = None
