@@ -13,10 +13,13 @@ from typing import Any
 
 from reciprune import __version__
 from reciprune.cli_options import add_options, given_flags, options_from
+from reciprune.core.distributed import is_main_process
 from reciprune.errors import ReciPruneError
+from reciprune.modifiers import available_modifiers
 from reciprune.outputs import output_lock
 from reciprune.pipelines.jobs import FinetuneJob, Job, OneshotJob, RunJob, RunOptions
 from reciprune.progress import bars_wanted, quiet_library_bars
+from reciprune.recipe import Recipe, Stage, describe_plan, load_recipe
 from reciprune.recipe.options import (
     CalibrationOptions,
     EvalOptions,
@@ -246,12 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # --- from flags to jobs ---------------------------------------------------------------------------
 def _load_recipe(args: argparse.Namespace):
-    from reciprune.recipe import load_recipe
-
     if args.recipe is None:  # `reciprune finetune` without a recipe: dense fine-tuning
-        from reciprune.recipe import Recipe
-        from reciprune.recipe.schema import Stage
-
         if args.overrides or args.stage:
             raise ReciPruneError("--set and --stage need a --recipe to apply to.")
         return Recipe(stages=[Stage(name="finetune_stage", run_type="finetune")])
@@ -313,7 +311,6 @@ def _cmd_oneshot(args: argparse.Namespace) -> int:
 
 
 def _cmd_finetune(args: argparse.Namespace) -> int:
-    from reciprune.core.distributed import is_main_process
     from reciprune.pipelines.finetune import accumulation_steps, check_4bit_base
 
     recipe = _load_recipe(args)
@@ -475,8 +472,6 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
     if args.recipe_command != "check":
         build_parser().parse_args(["recipe", "--help"])
         return 2
-    from reciprune.recipe import describe_plan
-
     recipe = _load_recipe(args)
     config = None
     if not args.no_model:
@@ -488,8 +483,6 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
 
 
 def _cmd_modifiers(args: argparse.Namespace) -> int:
-    from reciprune.modifiers import available_modifiers
-
     if args.markdown:
         from reciprune.modifiers.docs import write_reference_pages
 

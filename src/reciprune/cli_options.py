@@ -15,11 +15,6 @@ from pydantic_core import PydanticUndefined
 from reciprune.recipe.options import Options, flag_name, validate_options
 
 
-def _base_type(annotation: Any) -> Any:
-    args = [a for a in typing.get_args(annotation) if a is not type(None)]
-    return args[0] if args and typing.get_origin(annotation) is not typing.Literal else annotation
-
-
 def _describe(text: str, default: Any, switch: str | None) -> str:
     text = text.rstrip()
     if switch == "both":
@@ -48,7 +43,8 @@ def _flag_kwargs(cls: type[Options], name: str, help_text: str | None) -> tuple[
     elif typing.get_origin(annotation) is typing.Literal:
         kwargs["choices"] = list(typing.get_args(annotation))
     else:
-        base = _base_type(annotation)
+        # `X | None` flags take an X; Literal annotations were handled above.
+        base = next((a for a in typing.get_args(annotation) if a is not type(None)), annotation)
         kwargs["type"] = base if base in (int, float) else str
         metavar = meta.get("metavar", {int: "N", float: "X"}.get(base))
         if metavar:

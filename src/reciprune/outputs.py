@@ -104,18 +104,13 @@ def output_lock(output_dir: str | os.PathLike[str]) -> Iterator[None]:
     if path is None:
         yield
         return
-    handle = path.open("a+")
-    try:
+    with path.open("a+") as handle:
         _acquire(handle, target)
-    except BaseException:
-        handle.close()
-        raise
-    try:
-        clean_stale_siblings(target)
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still held, so no other run has it open as its lock
-        handle.close()
+        try:
+            clean_stale_siblings(target)
+            yield
+        finally:
+            path.unlink(missing_ok=True)  # still held, so no other run has it open as its lock
 
 
 def _acquire(handle: TextIO, target: Path) -> None:

@@ -497,10 +497,9 @@ def _validate(stages: list[_RawStage]) -> Recipe:
                 )
         settings = {key: _build_settings(stage, key, run_type) for key in stage.settings}
         built.append(Stage(name=stage.name, run_type=run_type, modifiers=modifiers, **settings))
-    try:
-        return Recipe(stages=built)
-    except ValidationError as exc:  # defensive: the checks above should have caught it
-        raise RecipeError(f"{stages[0].where[0]}: {_plain_message(exc.errors()[0])}") from None
+    # The normalised stages are never empty and their names unique (checked while reading), so
+    # Recipe's own checks cannot fail here.
+    return Recipe(stages=built)
 
 
 def _build_settings(stage: _RawStage, key: str, run_type: str) -> Options:
@@ -568,8 +567,7 @@ def _build_modifier(raw: _RawModifier) -> Modifier:
         problems = _problems(exc, cls, raw)
     except RecipeError as exc:  # raised directly by a validator
         problems = [((), str(exc))]
-    (first_loc, first_msg), rest = problems[0], problems[1:]
-    message = first_msg
+    (first_loc, message), *rest = problems
     if rest:
         message += " Also: " + "; ".join(
             f"{_SEP.join(loc) or raw.type}: {msg}" for loc, msg in rest

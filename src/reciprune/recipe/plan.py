@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 from typing import TYPE_CHECKING, Any
 
 from reciprune.core.layers import find_decoder_layers
-from reciprune.core.targets import unmatched_patterns
+from reciprune.core.targets import is_linear_like, unmatched_patterns
 from reciprune.errors import ModelLoadError, RecipeError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.pruning import PruningModifier
@@ -121,24 +122,24 @@ def _target_lines(model: nn.Module, stage: Stage, modifier: TargetedModifier) ->
             f"inside the decoder layers '{layers_name}'. Use 'Linear', module names such as "
             f"'{example}', or 're:' regexes."
         )
+    total = sum(p.numel() for p in model.parameters())
     try:
         modifier.check_targets({n: m for found in selected.values() for n, m in found.items()})
+        estimate = ""
+        if isinstance(modifier, PruningModifier):
+            estimate = _pruned_estimate(modifier, selected, len(layers), total)
     except RecipeError as exc:
         raise RecipeError(f"stage '{stage.name}'{_SEP}{exc}") from None
     lines = _module_groups(selected, layers_name, len(layers))
     weights = sum(m.weight.numel() for found in selected.values() for m in found.values())
-    total = sum(p.numel() for p in model.parameters())
     line = f"{weights:,} weights, {100 * weights / total:.1f}% of the model's parameters"
-    if isinstance(modifier, PruningModifier):
-        line += _pruned_estimate(stage, modifier, selected, len(layers), total)
-    lines.append(line)
+    lines.append(line + estimate)
     for pattern, _ in unmatched_patterns(model, modifier.ignore):
         lines.append(f"note: ignore {pattern!r} matches no module")
     return lines
 
 
 def _pruned_estimate(
-    stage: Stage,
     modifier: PruningModifier,
     selected: dict[int, dict[str, nn.Module]],
     num_layers: int,
@@ -148,14 +149,11 @@ def _pruned_estimate(
     probe = modifier.model_copy()
     probe._num_layers = num_layers  # what on_initialize would set; sparsity_for reads it
     probe._layer_n = {}  # no OWL profile on a model without weights: N:M as written
-    try:
-        zeros = sum(
-            m.weight.numel() * probe.sparsity_for(index, name)
-            for index, found in selected.items()
-            for name, m in found.items()
-        )
-    except RecipeError as exc:
-        raise RecipeError(f"stage '{stage.name}'{_SEP}{exc}") from None
+    zeros = sum(
+        m.weight.numel() * probe.sparsity_for(index, name)
+        for index, found in selected.items()
+        for name, m in found.items()
+    )
     return f"; about {round(zeros):,} set to zero ({100 * zeros / total:.1f}% of the model)"
 
 
@@ -205,21 +203,13 @@ def _brace(leaves: list[str]) -> str:
 
 def _ranges(indices: list[int]) -> str:
     """'0-3, 5, 7-8' for [0, 1, 2, 3, 5, 7, 8]."""
-    parts: list[str] = []
-    start = prev = indices[0]
-    for index in [*indices[1:], None]:
-        if index is not None and index == prev + 1:
-            prev = index
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if index is not None:
-            start = prev = index
-    return ", ".join(parts)
+    # Within a run of consecutive indices, index minus position stays the same.
+    runs = itertools.groupby(enumerate(indices), key=lambda item: item[1] - item[0])
+    spans = [[index for _, index in run] for _, run in runs]
+    return ", ".join(str(span[0]) if len(span) == 1 else f"{span[0]}-{span[-1]}" for span in spans)
 
 
 def _example_name(model: nn.Module, layers_name: str) -> str:
-    from reciprune.core.targets import is_linear_like
-
     for name, module in model.named_modules():
         if name.startswith(f"{layers_name}.0.") and is_linear_like(module):
             return name
