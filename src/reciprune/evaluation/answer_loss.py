@@ -66,7 +66,7 @@ def answer_loss(
     total = sum(per_problem)
     return AnswerLoss(
         nll_per_token=total / max(tokens, 1),
-        nll_per_answer=total / max(len(per_problem), 1) if per_problem else math.nan,
+        nll_per_answer=total / len(per_problem) if per_problem else math.nan,
         num_tokens=tokens,
         num_problems=len(per_problem),
     )

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from reciprune.errors import ReciPruneError
-from reciprune.evaluation.harness import EVAL_RESULTS_NAME, metric_items
+from reciprune.evaluation.harness import EVAL_RESULTS_NAME, fixed_width_table, metric_items
 from reciprune.evaluation.report import MANIFEST_NAME
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".gguf", ".pt")
@@ -105,7 +105,7 @@ def run_summary(manifest: dict[str, Any]) -> str:
          _format(timings.get(name))]
         for name, record in records.items()
     ]  # fmt: skip
-    return _fixed_width([header, *body])
+    return fixed_width_table([header, *body])
 
 
 def _summary_cell(key: str, value: Any) -> str:
@@ -185,14 +185,4 @@ def compare_table(paths: Sequence[str | Path], markdown: bool = False) -> str:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         lines += ["| " + " | ".join(cells) + " |" for cells in body]
         return "\n".join(lines)
-    return _fixed_width([header, *body])
-
-
-def _fixed_width(rows: list[list[str]]) -> str:
-    """Rows as text columns: the first left-aligned, the others right-aligned."""
-    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    return "\n".join(
-        "  ".join(f"{cell:<{w}}" if c == 0 else f"{cell:>{w}}" for c, (cell, w) in
-                  enumerate(zip(row, widths, strict=True))).rstrip()
-        for row in rows
-    )  # fmt: skip
+    return fixed_width_table([header, *body])

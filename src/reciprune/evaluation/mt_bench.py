@@ -46,12 +46,11 @@ def read_questions(path: str | Path) -> list[dict[str, Any]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{file}:{number} is not valid JSON ({exc.msg}).") from exc
-        turns = row.get("turns") if isinstance(row, dict) else None
+        turns = row.get("turns") if isinstance(row, dict) else None  # None: not an object
         if (
-            not isinstance(row, dict)
-            or "question_id" not in row
-            or not isinstance(turns, list)
+            not isinstance(turns, list)
             or not turns
+            or "question_id" not in row
             or not all(isinstance(t, str) and t.strip() for t in turns)
         ):
             raise DataError(

@@ -27,10 +27,10 @@ from reciprune.core.layer_io import (
 )
 from reciprune.core.layers import find_decoder_layers
 from reciprune.data.calibration import _pad_rows, separator_ids, token_stream
+from reciprune.data.training import IGNORE_INDEX
 from reciprune.errors import DataError
 from reciprune.progress import progress_bar
 
-IGNORE_INDEX = -100
 # Texts are tokenized in slices until the windows are covered, so a 16-window run does not
 # tokenize thousands of passages it will never score.
 _TOKENIZE_SLICE = 64
