@@ -53,13 +53,12 @@ def setup_distributed() -> torch.device:
     NCCL with one GPU per process on CUDA machines, gloo on CPU (so CI can test 2 processes).
     """
     cuda = torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if D.launched_by_torchrun() and not dist.is_initialized():
         if cuda:
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+            torch.cuda.set_device(device)
         dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.device("cpu")
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
@@ -68,15 +67,15 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if precision == "bfloat16" else torch.float32
 
 
-def shard_model(model: nn.Module, compute_dtype: torch.dtype, *, reshard: bool = True) -> None:
+def shard_model(model: nn.Module, compute_dtype: torch.dtype) -> None:
     """FSDP2: `fully_shard` each decoder layer, then the root (embeddings, norm, head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
     _, layers = find_decoder_layers(model)
     for layer in layers:
-        fully_shard(layer, mp_policy=policy, reshard_after_forward=reshard)
-    fully_shard(model, mp_policy=policy, reshard_after_forward=reshard)
+        fully_shard(layer, mp_policy=policy, reshard_after_forward=True)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=True)
 
 
 # --- batches ----------------------------------------------------------------------------------
@@ -125,7 +124,7 @@ def accumulation_steps(config: TrainingConfig, world_size: int) -> int:
     return config.global_batch_size // per_step
 
 
-def check_4bit_base(config: TrainingConfig, stage: Stage | None, world_size: int) -> None:
+def check_4bit_base(config: TrainingConfig, stage: Stage, world_size: int) -> None:
     """Clear errors, before weights load or workers start, for a 4-bit base on several
     processes and for modifiers that need a 4-bit base without one."""
     if config.load_in_4bit and world_size > 1:
@@ -134,7 +133,7 @@ def check_4bit_base(config: TrainingConfig, stage: Stage | None, world_size: int
             "with FSDP. Run the stage on one process (drop --nproc-per-node, or use "
             "--nproc-per-node 1); the 4-bit base is what makes a model fit on one device."
         )
-    if stage is None or config.load_in_4bit:
+    if config.load_in_4bit:
         return
     for modifier in stage.modifiers:
         if modifier.needs_4bit_base:
@@ -183,8 +182,6 @@ def checkpoint_root(output_dir: Path) -> Path:
 
 def latest_checkpoint(root: Path) -> Path | None:
     """The newest complete checkpoint (one with the COMPLETE marker), or None."""
-    if not root.is_dir():
-        return None
     done = [p for p in root.glob("step-*") if (p / COMPLETE_MARKER).is_file()]
     return max(done, key=lambda p: int(p.name.split("-")[1]), default=None)
 
@@ -486,9 +483,7 @@ class Trainer:
     def _flush(self, result: TrainResult) -> None:
         """Read the pending steps' metrics off the device (one synchronisation, one reduction
         over the processes) into the history; their wall time is shared out evenly."""
-        pending, self._pending = self._pending, []
-        if not pending:
-            return
+        pending, self._pending = self._pending, []  # at least the step just taken
         keys = sorted({k for p in pending for k in p["sums"]})
         zero = torch.zeros((), device=self.device)
         table = torch.stack([

@@ -221,11 +221,6 @@ def _load_data(run: _FinetuneRun, tokenizer: Any) -> tuple[Any, Any, Any]:
     return train_data, eval_data, data
 
 
-def _enable_gradient_checkpointing(model: nn.Module) -> None:
-    model.activation_checkpointing_enable({"use_reentrant": False})
-    model.config.use_cache = False
-
-
 def _prepare(
     run: _FinetuneRun, model: nn.Module, teacher: nn.Module | None, train_data: Any, plan: Any
 ) -> tuple[LifecycleSession, dict | None]:
@@ -233,7 +228,8 @@ def _prepare(
     and the models sharded; returns the session and the 4-bit base's description."""
     compute_dtype = F.resolve_precision(run.config.precision, run.device)
     if run.config.gradient_checkpointing:
-        _enable_gradient_checkpointing(model)
+        model.activation_checkpointing_enable({"use_reentrant": False})
+        model.config.use_cache = False
     model.to(run.device)
     shared = False
     if run.needs_teacher and run.config.distill_teacher == "self":
@@ -302,16 +298,13 @@ def peak_memory_per_process(device: torch.device) -> dict[str, list[float]]:
     import resource
 
     # Linux reports ru_maxrss in KiB.
-    values = [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024]
+    peaks = {"peak_rss_mb_per_process": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if device.type == "cuda":
-        values.append(torch.cuda.max_memory_allocated(device) / 2**20)
-    mine = torch.zeros(D.world_size(), len(values), dtype=torch.float64)
-    mine[D.rank()] = torch.tensor(values, dtype=torch.float64)
-    table = D.all_reduce_sum(mine)
-    result = {"peak_rss_mb_per_process": [round(v, 1) for v in table[:, 0].tolist()]}
-    if device.type == "cuda":
-        result["peak_cuda_mb_per_process"] = [round(v, 1) for v in table[:, 1].tolist()]
-    return result
+        peaks["peak_cuda_mb_per_process"] = torch.cuda.max_memory_allocated(device) / 2**20
+    mine = torch.zeros(D.world_size(), len(peaks), dtype=torch.float64)
+    mine[D.rank()] = torch.tensor(list(peaks.values()), dtype=torch.float64)
+    columns = D.all_reduce_sum(mine).t().tolist()
+    return {key: [round(v, 1) for v in column] for key, column in zip(peaks, columns, strict=True)}
 
 
 def _trainer_state(checkpoint: Path) -> dict[str, Any]:

@@ -106,7 +106,7 @@ def dump_job(job: Job) -> dict[str, Any]:
     return {
         "kind": job.kind,
         "recipe": job.recipe.to_yaml(),
-        "output": job.output.model_dump(mode="json", include=job.output.model_fields_set),
+        "output": job.output.given(),
         "options": job.options(),
     }
 

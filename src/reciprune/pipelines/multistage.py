@@ -21,6 +21,7 @@ from reciprune.export.manifest import build_manifest
 from reciprune.export.save import MANIFEST_FILE, RECIPE_FILE, check_output_dir
 from reciprune.files import write_text_atomic
 from reciprune.models import DEFAULT_MODEL, resolve_model
+from reciprune.pipelines.finetune import checkpoint_root
 from reciprune.pipelines.jobs import FinetuneJob, OneshotJob, RunJob
 from reciprune.recipe import Recipe
 from reciprune.recipe.options import ModelOptions
@@ -30,10 +31,6 @@ from reciprune.recipe.training import TrainingConfig
 RUN_FILE = "run.json"
 #: `distill_teacher: base`: the model the run (or the finetune command) started from.
 BASE_TEACHER = "base"
-
-
-def _complete(folder: Path) -> bool:
-    return (folder / MANIFEST_FILE).is_file()
 
 
 def _check_output(job: RunJob) -> None:
@@ -84,8 +81,7 @@ def _training_for(job: RunJob, stage: Stage) -> TrainingConfig:
 def _stage_job(job: RunJob, stage: Stage, model: str | None, training: TrainingConfig | None):
     """The oneshot or finetune job that runs `stage` of the run into OUTPUT_DIR/<stage>/."""
     folder = job.output.output_dir / stage.name
-    checkpoints = folder.with_name(folder.name + ".checkpoints")
-    resume = job.output.resume and stage.run_type == "finetune" and checkpoints.is_dir()
+    resume = job.output.resume and stage.run_type == "finetune" and checkpoint_root(folder).is_dir()
     common = {
         "recipe": job.recipe.select(stage.name),
         "output": job.with_output(output_dir=folder, resume=resume).output,
@@ -126,7 +122,7 @@ def run_stages(job: RunJob) -> Iterator[tuple[str, Path]]:
         stage_started = time.perf_counter()
         record: dict = {"stage": stage.name, "folder": str(folder)}
         summary.append(record)
-        if job.output.resume and _complete(folder):
+        if job.output.resume and (folder / MANIFEST_FILE).is_file():  # finished before
             record["skipped"] = True
         else:
             stage_job = _stage_job(job, stage, model, trainings.get(stage.name))

@@ -29,7 +29,7 @@ from reciprune.core.devices import (
 )
 from reciprune.core.placement import InMemory, Onload, Streamed
 from reciprune.core.shards import ShardReader, ShardWriter
-from reciprune.core.targets import weight_matrix
+from reciprune.core.targets import as_matrix
 from reciprune.data.calibration import CalibrationData, load_calibration
 from reciprune.errors import ReciPruneError
 from reciprune.export import build_manifest, layer_sparsity_report, save_checkpoint
@@ -122,7 +122,7 @@ def _run(run: _OneshotRun) -> dict[str, Any]:
             run.records.setdefault(name, {}).update(record)
         run.timings.update({f"{stage.name}.{k}": v for k, v in result.timings.items()})
     if writer is not None:
-        Streamed(run.device, run.reader, run.dtype, writer).finish(model)
+        run.placement(model, writer=writer).finish(model)
     output = ShardReader(run.staging) if run.staging else None
     run.measure_ppl(model, tokenizer, "ppl_compressed", "eval_compressed",
                     _ppl_placement(run, model, output))  # fmt: skip
@@ -183,19 +183,16 @@ def warn_beyond_positions(max_seq_length: int, config: Any) -> None:
 def check_oneshot_stage(stage: Stage, calibration: Any) -> None:
     """What can be checked of a oneshot stage before its model exists (`reciprune run`)."""
     resolve_device(calibration.device)
-    if calibration.pipeline != "auto":
-        select_pipeline(stage.modifiers, calibration.pipeline)
+    select_pipeline(stage.modifiers, calibration.pipeline)
 
 
 def _fits_in_memory(path: str, dtype: torch.dtype) -> bool:
     """Whether the weights, in `dtype`, take less than MEMORY_SHARE of the available memory
     (True when their size cannot be read: a hub id, a GGUF file)."""
     folder = Path(path)
-    if not folder.is_dir():
-        return True
     try:
         reader = ShardReader(folder)
-    except ReciPruneError:
+    except ReciPruneError:  # no safetensors folder (a GGUF file, a hub id)
         return True
     from safetensors import safe_open
 
@@ -304,8 +301,7 @@ def _stored_weights(reader: ShardReader):
     """A weight source reading each module's weight from the files written (streaming)."""
 
     def read(name: str, module: nn.Module) -> torch.Tensor:
-        stored = reader.get(f"{name}.weight")
-        return stored.t() if weight_matrix(module).shape != stored.shape else stored
+        return as_matrix(module, reader.get(f"{name}.weight"))
 
     return read
 
