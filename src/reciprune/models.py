@@ -142,12 +142,8 @@ def _hub_fingerprint(repo_id: str) -> str:
 
 
 def _looks_local(spec: str) -> bool:
-    return (
-        spec.startswith((".", "~", os.sep))
-        or (os.altsep is not None and os.altsep in spec)
-        or spec.endswith(".gguf")
-        or _HUB_ID.match(spec) is None
-    )
+    # _HUB_ID already refuses a leading ".", "~" or separator and any backslash.
+    return spec.endswith(".gguf") or _HUB_ID.match(spec) is None
 
 
 def resolve_model(spec: str | None) -> ModelSource:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 def is_distributed() -> bool:
     """True when a process group with more than one process is initialised."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 def rank() -> int:
@@ -52,8 +52,7 @@ def _reduce(values: torch.Tensor) -> torch.Tensor:
     if not is_distributed():
         return out
     # NCCL reduces CUDA tensors only; gloo reduces CPU tensors.
-    on_cuda = dist.get_backend() == "nccl"
-    work = out.cuda() if on_cuda else out.cpu()
+    work = out.cuda() if dist.get_backend() == "nccl" else out.cpu()
     dist.all_reduce(work, op=dist.ReduceOp.SUM)
     return work.to(values.device)
 

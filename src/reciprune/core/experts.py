@@ -59,9 +59,8 @@ def attach_expert_slices(model: nn.Module) -> int:
     for module in list(model.modules()):
         if not is_fused_experts(module) or hasattr(module, SLICES_ATTRIBUTE):
             continue
-        experts = module.gate_up_proj.shape[0]
         slices = nn.ModuleList()
-        for expert in range(experts):
+        for expert in range(module.gate_up_proj.shape[0]):
             one = nn.Module()
             for name in FUSED_EXPERT_PARAMETERS:
                 one.add_module(name, ExpertSlice(module, name, expert))
@@ -88,8 +87,5 @@ def route_to_slices(experts: nn.Module, args: tuple) -> None:
 
 def owners_of(slices: list[nn.Module]) -> list[nn.Module]:
     """The distinct fused experts modules the given expert slices belong to."""
-    owners: dict[int, nn.Module] = {}
-    for module in slices:
-        if isinstance(module, ExpertSlice):
-            owners.setdefault(id(module._owner[0]), module._owner[0])
+    owners = {id(m._owner[0]): m._owner[0] for m in slices if isinstance(m, ExpertSlice)}
     return list(owners.values())

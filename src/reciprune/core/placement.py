@@ -60,9 +60,9 @@ class InMemory:
 class Onload(InMemory):
     """Weights in CPU memory; each layer is moved to the device while it is used."""
 
-    def __init__(self, device: torch.device, home: torch.device | str = "cpu") -> None:
+    def __init__(self, device: torch.device) -> None:
         self.device = torch.device(device)
-        self.home = torch.device(home)
+        self.home = torch.device("cpu")
 
     def fetch(self, step: LayerStep) -> None:
         step.layer.to(self.device)

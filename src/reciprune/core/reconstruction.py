@@ -38,9 +38,6 @@ class ReconstructionProbe:
     def measure(
         self, event: Event, statistics: InputStatistics, records: dict[str, dict[str, Any]]
     ) -> None:
-        if event.layer is None:
-            self._before = {}
-            return
         names = {module: name for name, module in event.layer.named_modules()}
         for module, before in self._before.items():
             delta = before.float() - weight_matrix(module).float()

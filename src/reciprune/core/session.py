@@ -153,7 +153,10 @@ class LifecycleSession:
 
     def abort(self) -> None:
         """Remove every hook without further events: the run failed and is being unwound."""
-        self.remove_hooks()
+        for handles in self._hooks.values():
+            for handle in handles:
+                handle.remove()
+        self._hooks.clear()
         self.statistics.clear()
         self._finalized = True
 
@@ -165,15 +168,12 @@ class LifecycleSession:
         fn: Callable[..., Any],
         *,
         kind: str = "forward",
-        with_kwargs: bool = False,
     ) -> torch.utils.hooks.RemovableHandle:
-        """Register a `forward`, `forward_pre` or `full_backward` hook owned by `owner`."""
+        """Register a `forward` or `forward_pre` hook owned by `owner`."""
         if kind == "forward":
-            handle = module.register_forward_hook(fn, with_kwargs=with_kwargs)
+            handle = module.register_forward_hook(fn)
         elif kind == "forward_pre":
-            handle = module.register_forward_pre_hook(fn, with_kwargs=with_kwargs)
-        elif kind == "full_backward":
-            handle = module.register_full_backward_hook(fn)
+            handle = module.register_forward_pre_hook(fn)
         else:
             raise ValueError(f"unknown hook kind {kind!r}")
         self._hooks[id(owner)].append(handle)
@@ -186,13 +186,6 @@ class LifecycleSession:
         handle = tensor.register_hook(fn)
         self._hooks[id(owner)].append(handle)
         return handle
-
-    def remove_hooks(self, owner: object | None = None) -> None:
-        """Remove the hooks of one owner, or all of them."""
-        keys = list(self._hooks) if owner is None else [id(owner)]
-        for key in keys:
-            for handle in self._hooks.pop(key, []):
-                handle.remove()
 
     @property
     def num_hooks(self) -> int:

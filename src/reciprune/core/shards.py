@@ -75,7 +75,7 @@ class StoredRows:
             self.shape = tuple(stored.get_shape())
             element = torch.empty((), dtype=_TORCH_DTYPES[stored.get_dtype()]).element_size()
         self.rows = self.shape[0] if self.shape else 1
-        self.bytes_per_row = element * (torch.Size(self.shape[1:]).numel() if self.shape else 1)
+        self.bytes_per_row = element * torch.Size(self.shape[1:]).numel()  # 1 for a scalar
 
     def read(self, start: int, end: int) -> torch.Tensor:
         """Rows `start:end` (the whole tensor when it has no dimensions)."""
@@ -101,17 +101,16 @@ class ShardWriter:
         self.folder = folder
         self._where: dict[str, tuple[str, int, int]] = {}  # name → (file, start, end) absolute
         self._pending: set[str] = set()
-        self._sizes: dict[str, int] = {}
         self._rows = {name: shape[0] if shape else 1 for name, (_, shape) in specs.items()}
         self._rows_written: dict[str, int] = {}
-        for file, names in layout.items():
-            self._lay_out(file, sorted(names), specs)
+        sizes = [self._lay_out(file, sorted(names), specs) for file, names in layout.items()]
         if len(layout) > 1:
             weight_map = {n: f for f, names in layout.items() for n in names}
-            index = {"metadata": {"total_size": sum(self._sizes.values())}, "weight_map": weight_map}
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
             (folder / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
 
-    def _lay_out(self, file: str, names: list[str], specs: dict) -> None:
+    def _lay_out(self, file: str, names: list[str], specs: dict) -> int:
+        """Write `file`'s header and reserve room for its tensors; returns their size in bytes."""
         header: dict[str, object] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name in names:
@@ -130,7 +129,7 @@ class ShardWriter:
             begin, end = header[name]["data_offsets"]  # type: ignore[index]
             self._where[name] = (file, start + begin, start + end)
             self._pending.add(name)
-        self._sizes[file] = offset
+        return offset
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Store `tensor` (same dtype and shape as laid out) under `name`."""

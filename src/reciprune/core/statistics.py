@@ -57,8 +57,7 @@ class InputStatistics:
 
     def require_hessians(self) -> None:
         """Upgrade every request to the full XᵀX (used to measure reconstruction errors)."""
-        for module in self._requests:
-            self._requests[module] = True
+        self._requests = dict.fromkeys(self._requests, True)
 
     def tracked_modules(self) -> list[nn.Module]:
         """Modules whose inputs were seen in the calibration forward."""

@@ -112,11 +112,9 @@ def _inside_adapter(name: str) -> bool:
 def unmatched_patterns(model: nn.Module, patterns: Sequence[str]) -> list[tuple[str, list[str]]]:
     """Patterns that match no module of `model`, each with the closest module or class names."""
     names = [n for n, _ in model.named_modules() if n]
-    classes = sorted({type(m).__name__ for m in model.modules()} | {LINEAR_ALIAS})
-    missing = []
-    for pattern in patterns:
-        if any(_matches(pattern, n, m) for n, m in model.named_modules()):
-            continue
-        pool = classes + names
-        missing.append((pattern, difflib.get_close_matches(pattern.removeprefix("re:"), pool, n=3)))
-    return missing
+    pool = sorted({type(m).__name__ for m in model.modules()} | {LINEAR_ALIAS}) + names
+    return [
+        (pattern, difflib.get_close_matches(pattern.removeprefix("re:"), pool, n=3))
+        for pattern in patterns
+        if not any(_matches(pattern, n, m) for n, m in model.named_modules())
+    ]

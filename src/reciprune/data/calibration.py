@@ -75,11 +75,6 @@ class CalibrationData:
     def __len__(self) -> int:
         return int(self.input_ids.shape[0])
 
-    @property
-    def num_tokens(self) -> int:
-        """Number of real (non-padding) tokens."""
-        return int(self.attention_mask.sum())
-
     def batches(self, batch_size: int) -> Iterator[dict[str, Tensor]]:
         """Consecutive batches of at most `batch_size` samples, in a fixed order."""
         if batch_size < 1:
@@ -296,8 +291,7 @@ def _from_raw_text(
     input_ids = chunk_token_stream(
         stream, num_samples=num_samples, max_seq_length=max_seq_length, seed=seed, where=source
     )
-    attention_mask = torch.ones_like(input_ids)
-    return _calibration_data(source, input_ids, attention_mask)
+    return _calibration_data(source, input_ids, torch.ones_like(input_ids))
 
 
 def _require_samples(source: str, found: int, num_samples: int, what: str) -> None:
@@ -369,7 +363,7 @@ def _from_rows(
     order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
     rows: list[list[int]] = []
     # Walk the shuffled rows in small slices so only what is used gets formatted and tokenized.
-    for start in range(0, len(order), max(num_samples, 1)):
+    for start in range(0, len(order), num_samples):
         if len(rows) >= num_samples:
             break
         texts = [to_text(row) for row in dataset.select(order[start : start + num_samples])]
@@ -464,11 +458,10 @@ def load_calibration(
         )
     if isinstance(rows, list):  # the embedded passages or a .txt file: raw text
         return _from_raw_text([row["text"] for row in rows], tokenizer, source=source, **common)
-    if entry is not None and entry.raw_text:
-        texts = rows[text_field or entry.text_field or "text"]
-        return _from_raw_text(texts, tokenizer, source=source, **common)
     if entry is not None:
         text_field = text_field or entry.text_field
+        if entry.raw_text:
+            return _from_raw_text(rows[text_field or "text"], tokenizer, source=source, **common)
     return _from_rows(rows, tokenizer, source=source, text_field=text_field, **common)
 
 

@@ -168,7 +168,7 @@ def question_answer_data(
     empty = sum(s is None for s in segments)
     if empty:
         raise DataError(f"{empty} of the {len(problems)} problems have an empty answer.")
-    examples = _encode([s for s in segments if s is not None], tokenizer, response_only=True)
+    examples = _encode(segments, tokenizer, response_only=True)
     examples = [(ids[:max_seq_length], labels[:max_seq_length]) for ids, labels in examples]
     return _training_data(examples, _pad_id(tokenizer), "question/answer rows", "question_answer")
 
@@ -379,7 +379,7 @@ def _take(rows: Any, indices: Sequence[int]) -> list[dict[str, Any]]:
 
 def _columns(rows: Any) -> list[str]:
     if isinstance(rows, list):
-        return list(rows[0]) if rows else []
+        return list(rows[0])  # the caller refuses a dataset with no rows
     return list(rows.column_names)
 
 
