@@ -176,4 +176,4 @@ class Modifier(BaseModel):
     @classmethod
     def summary(cls) -> str:
         """First line of the class docstring."""
-        return (cls.__doc__ or "").strip().splitlines()[0] if cls.__doc__ else ""
+        return cls.__doc__.strip().splitlines()[0] if cls.__doc__ else ""

@@ -37,12 +37,6 @@ def _generator(seed: int, step: int, stream: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + step) * 2 + stream) % 2**63)
 
 
-def _is_lora_layer(module: nn.Module) -> bool:
-    from peft.tuners.lora import LoraLayer
-
-    return isinstance(module, LoraLayer)
-
-
 @register_modifier
 class ISTModifier(Modifier):
     """Importance-aware sparse tuning: each optimizer step only a sampled fraction of the decoder layers' adapters get gradients, drawn by layer scores learnt from adapter-suppression rollouts.
@@ -132,6 +126,8 @@ class ISTModifier(Modifier):
     def on_initialize(self, session: LifecycleSession) -> None:
         if not hasattr(self, "_groups"):
             raise RuntimeError("ISTModifier.on_prepare must run before on_initialize")
+        from peft.tuners.lora import LoraLayer
+
         model = session.model
         params = dict(model.named_parameters())
         _, layers = find_decoder_layers(model)
@@ -140,7 +136,7 @@ class ISTModifier(Modifier):
         self._lora_layers: list[list[nn.Module]] = []
         self._scaled_params: list[list[nn.Parameter]] = []
         for index, group in zip(self._indices, self._params, strict=True):
-            lora = [m for m in layers[index].modules() if _is_lora_layer(m)]
+            lora = [m for m in layers[index].modules() if isinstance(m, LoraLayer)]
             covered = {id(p) for m in lora for p in m.parameters()}
             self._lora_layers.append(lora)
             self._scaled_params.append([p for p in group if id(p) not in covered])

@@ -125,17 +125,17 @@ class LoRAModifier(Modifier):
             return re.match(target[3:], name) is not None
         return name == target or name.endswith("." + target)
 
-    def lora_config(self, modules: list[str], transposed: bool) -> Any:
-        """PEFT's LoraConfig for `modules` (full names, matched exactly by PEFT)."""
+    def lora_config(self) -> Any:
+        """PEFT's LoraConfig for the resolved modules (full names, matched exactly by PEFT)."""
         from peft import LoraConfig
 
         return LoraConfig(
             r=self.r,
             lora_alpha=self.alpha,
             lora_dropout=self.dropout,
-            target_modules=modules,
+            target_modules=sorted(self._modules),
             use_dora=self.use_dora,
-            fan_in_fan_out=transposed,
+            fan_in_fan_out=any(self._modules.values()),  # resolve() admits one layout only
             bias="none",
         )
 
@@ -144,8 +144,7 @@ class LoRAModifier(Modifier):
 
         model = session.model
         self._modules = self.resolve(model)
-        transposed = any(self._modules.values())
-        config = self.lora_config(sorted(self._modules), transposed)
+        config = self.lora_config()
         # PEFT draws lora_A from the global generator: a fixed seed gives every process (and a
         # resumed run) the same adapters whatever ran before.
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -210,7 +209,7 @@ class LoRAModifier(Modifier):
             tensors[f"{prefix}.lora_B.weight"] = t["lora_B"].contiguous()
             if self.use_dora:
                 tensors[f"{prefix}.lora_magnitude_vector"] = t["lora_magnitude_vector"].contiguous()
-        config = self.lora_config(sorted(self._modules), any(self._modules.values()))
+        config = self.lora_config()
         config.inference_mode = True
         config.task_type = "CAUSAL_LM"
         as_dict = {k: sorted(v) if isinstance(v, set) else v for k, v in config.to_dict().items()}

@@ -279,7 +279,14 @@ class PruningModifier(TargetedModifier):
             if self.needs_calibration and not session.statistics.reached(module)
         }
         reached = {name: module for name, module in modules.items() if name not in unreached}
-        masks = self._prune_or_explain(session, layer_index, reached) if reached else {}
+        masks: dict[str, torch.Tensor] = {}
+        if reached:
+            try:
+                masks = self.prune_layer(session, layer_index, reached)
+            except ValueError as exc:  # the algorithms' own message (e.g. a Hessian not invertible)
+                raise ReciPruneError(
+                    f"pruning {', '.join(reached)} (decoder layer {layer_index}) failed: {exc}."
+                ) from None
         n, m = self.structure_for(layer_index)
         for name, module in unreached.items():
             pruned, masks[name] = magnitude_prune(
@@ -293,16 +300,6 @@ class PruningModifier(TargetedModifier):
         """Ask for the input statistics `prune_module` reads."""
         for module in modules.values():
             session.statistics.track(module, hessian=self.needs_hessian)
-
-    def _prune_or_explain(
-        self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]
-    ) -> dict[str, torch.Tensor]:
-        try:
-            return self.prune_layer(session, layer_index, modules)
-        except ValueError as exc:  # the algorithms' own message (e.g. a Hessian not invertible)
-            raise ReciPruneError(
-                f"pruning {', '.join(modules)} (decoder layer {layer_index}) failed: {exc}."
-            ) from None
 
     def prune_layer(
         self, session: LifecycleSession, layer_index: int, modules: dict[str, nn.Module]
