@@ -23,7 +23,8 @@ Step = Callable[..., Sequence[Tensor]]
 
 
 class BlockGraph:
-    """Calls `step(*inputs)`: eagerly, or through a CUDA graph of it when `enabled`.
+    """Calls `step(*inputs)`: eagerly, or through a CUDA graph of it when enabled: with
+    `cuda_graph` True, or None on a CUDA `device`.
 
     Enabled, each distinct set of input shapes gets static copies of the inputs. The first
     call with those shapes runs `step` on them (the warm-up a capture needs), the second
@@ -35,14 +36,14 @@ class BlockGraph:
     `step` again on the static buffers and copies its results into the static outputs: the
     same discipline, so CPU tests check that `step` is fit to be captured.
 
-    `required` (graphs were asked for explicitly) lets a failed capture raise; otherwise it
-    warns and the rest of the solve runs eagerly, with the same kernels.
+    `required` (graphs were asked for explicitly, `cuda_graph` True) lets a failed capture
+    raise; otherwise it warns and the rest of the solve runs eagerly, with the same kernels.
     """
 
-    def __init__(self, step: Step, *, enabled: bool, required: bool = False) -> None:
+    def __init__(self, step: Step, cuda_graph: bool | None, device: torch.device) -> None:
         self.step = step
-        self.enabled = enabled
-        self.required = required
+        self.enabled = device.type == "cuda" if cuda_graph is None else cuda_graph
+        self.required = bool(cuda_graph)
         self.replays = 0
         self._static: dict[tuple, list[Tensor]] = {}
         self._recorded: dict[tuple, tuple[Callable[[], object], Sequence[Tensor]]] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import partial
-from itertools import accumulate
+from itertools import accumulate, pairwise
 from typing import Protocol
 
 import torch
@@ -188,8 +188,7 @@ def gptq_quantize_stacked(
     else:
         keep = torch.cat([mask.to(W.device, torch.bool) for mask in keep_masks])
         W.masked_fill_(~keep, 0)
-    bounds = [0, *accumulate(W.shape[0] for W in Ws)]
-    segments = list(zip(bounds[:-1], bounds[1:], strict=True))
+    segments = list(pairwise(accumulate((W.shape[0] for W in Ws), initial=0)))  # W_k's rows
 
     zero_dead_inputs(W, H)
 
@@ -229,7 +228,7 @@ def gptq_quantize_stacked(
                     "GPTQ: matrices solved together need a quantizer with one grid per row "
                     f"(channel or group strategy); find_params gave {tuple(found[-1][0].shape)}"
                 )
-        scales[g], zeros[g] = found[0] if len(found) == 1 else map(torch.cat, zip(*found, strict=True))
+        scales[g], zeros[g] = map(torch.cat, zip(*found, strict=True))
 
     def grids(positions: list[int]) -> tuple[Tensor, Tensor]:
         """The grid of the column at each visit position, stacked: [len, *grid shape]."""
@@ -237,11 +236,7 @@ def gptq_quantize_stacked(
             [zeros[group[p]] for p in positions]
         )
 
-    block = BlockGraph(
-        partial(_quantize_block, quantizer=quantizer),
-        enabled=W.is_cuda if cuda_graph is None else cuda_graph,
-        required=bool(cuda_graph),
-    )
+    block = BlockGraph(partial(_quantize_block, quantizer=quantizer), cuda_graph, W.device)
     Q = torch.zeros_like(W)
     losses = [torch.zeros((), dtype=work, device=W.device) for _ in segments]
     for i1 in range(0, columns, blocksize):
@@ -273,11 +268,9 @@ def gptq_quantize_stacked(
             losses[s] += Err1[r1:r2].square().sum() / 2
             W[r1:r2, i2:].addmm_(Err1[r1:r2], Hinv[i1:i2, i2:], alpha=-1)
 
-    scale = scales[0] if len(scales) == 1 else torch.cat(scales, dim=-1)
-    zero_point = zeros[0] if len(zeros) == 1 else torch.cat(zeros, dim=-1)
+    scale = torch.cat(scales, dim=-1)
+    zero_point = torch.cat(zeros, dim=-1)
     Q = Q[:, invperm].to(dtype)
-    if len(segments) == 1:
-        return [(Q, GPTQParams(scale, zero_point, perm, losses[0].item()))]
     return [
         (Q[r1:r2], GPTQParams(scale[r1:r2], zero_point[r1:r2], perm, loss.item()))
         for (r1, r2), loss in zip(segments, losses, strict=True)

@@ -57,22 +57,17 @@ def row_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
     k = int(scores.shape[-1] * sparsity)
     keep = torch.ones(scores.shape, dtype=torch.bool, device=scores.device)
     if k > 0:
+        # topk without sorting is a selection, several times faster than a full sort.
         lowest = scores.topk(k, dim=-1, largest=False, sorted=False).indices
+        # scatter_ of a constant, not keep[lowest] = False: that copies a host scalar to the
+        # device, which a CUDA graph capture (SparseGPT's block) does not allow.
         keep.scatter_(-1, lowest, False)
     return keep
 
 
 def tensor_keep_mask(scores: Tensor, sparsity: float) -> Tensor:
     """Prune exactly int(numel * sparsity) lowest scores over the whole tensor."""
-    k = int(scores.numel() * sparsity)
-    keep = torch.ones(scores.numel(), dtype=torch.bool, device=scores.device)
-    if k > 0:
-        # topk without sorting is a selection, several times faster than a full sort.
-        lowest = scores.flatten().topk(k, largest=False, sorted=False).indices
-        # scatter_ of a constant, not keep[lowest] = False: that copies a host scalar to the
-        # device, which a CUDA graph capture (SparseGPT's block) does not allow.
-        keep.scatter_(0, lowest, False)
-    return keep.reshape(scores.shape)
+    return row_keep_mask(scores.flatten(), sparsity).reshape(scores.shape)
 
 
 def mask_sparsity(mask: Tensor) -> float:

@@ -22,6 +22,7 @@ dequantized weights equal `bitsandbytes.functional.quantize_4bit(..., quant_type
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -109,14 +110,6 @@ def _padded_blocks(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
     return padded, padded.abs().amax(dim=1)
 
 
-def _blocks(x: Tensor, blocksize: int) -> tuple[Tensor, Tensor]:
-    """Absmax per block of the flat float32 `x` and x scaled by its reciprocal into [-1, 1]
-    (bitsandbytes multiplies by 1/c_b, clamped away from 0 for all-zero blocks)."""
-    padded, absmax = _padded_blocks(x, blocksize)
-    scaled = torch.clamp(padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
-    return absmax, scaled.reshape(-1)[: x.numel()]
-
-
 def quantize_blockwise_8bit(x: Tensor, blocksize: int = DOUBLE_QUANT_BLOCKSIZE) -> tuple[Tensor, Tensor]:
     """8-bit dynamic-map block quantization of a flat float32 tensor → (codes uint8, absmax).
 
@@ -143,11 +136,14 @@ def dequantize_blockwise_8bit(codes: Tensor, absmax: Tensor, blocksize: int = DO
 def quantize_nf4(W: Tensor, blocksize: int = BLOCKSIZE, double_quant: bool = False) -> NF4Weight:
     """NF4-quantize `W` (any shape, float16/bfloat16/float32) in blocks of `blocksize` values."""
     x = W.detach().reshape(-1).float()
-    absmax, scaled = _blocks(x, blocksize)
+    padded, absmax = _padded_blocks(x, blocksize)
+    # Scaled into [-1, 1] as bitsandbytes does: times 1/c_b, with c_b clamped away from 0
+    # for all-zero blocks.
+    scaled = torch.clamp(padded * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1), -1, 1)
     levels = nf4_levels(x.device)
     midpoints = (levels[:-1] + levels[1:]) / 2
     # bucketize on the midpoints = nearest level, the lower one on a tie.
-    codes = torch.bucketize(scaled, midpoints).to(torch.uint8)
+    codes = torch.bucketize(scaled.reshape(-1)[: x.numel()], midpoints).to(torch.uint8)
     if codes.numel() % 2:
         codes = torch.cat([codes, codes.new_full((1,), 7)])  # bitsandbytes pads with level 0.0
     packed = (codes[0::2] << 4) | codes[1::2]
@@ -167,11 +163,8 @@ def nf4_absmax(q: NF4Weight) -> Tensor:
 
 def unpack_codes(q: NF4Weight) -> Tensor:
     """The 4-bit codes, one per value (int64 [n])."""
-    n = 1
-    for size in q.shape:
-        n *= size
     codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)
-    return codes[:n].long()
+    return codes[: math.prod(q.shape)].long()
 
 
 def dequantize_nf4(q: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -236,18 +229,21 @@ def quant_residual(
         raise ValueError(f"quant_residual takes a [d_out, d_in] matrix, got shape {tuple(W.shape)}")
     W32 = W.detach().float()
     rows = rows.to(device=W.device, dtype=torch.long)
+    errors: list[float] = []
+    row_errors: list[float] = []
 
-    def error(Q: Tensor, delta: Tensor) -> tuple[float, float]:
+    def record_error(Q: Tensor, delta: Tensor) -> float:
+        """Append ‖W − (Q + S_R ΔW)‖_F to `errors` (and over R to `row_errors`); return it."""
         approx = Q.clone()
         approx[rows] += delta.float()
         diff = W32 - approx
-        return float(torch.linalg.norm(diff)), float(torch.linalg.norm(diff[rows]))
+        errors.append(float(torch.linalg.norm(diff)))
+        row_errors.append(float(torch.linalg.norm(diff[rows])))
+        return errors[-1]
 
     delta = torch.zeros(rows.numel(), W.shape[1], dtype=delta_dtype, device=W.device)
     best: tuple[NF4Weight, Tensor, Tensor] | None = None
     best_error = float("inf")
-    errors: list[float] = []
-    row_errors: list[float] = []
     previous: Tensor | None = None
     for _ in range(max(1, iters)):
         target = W32.clone()
@@ -255,13 +251,9 @@ def quant_residual(
         q = quantize(target)
         Q = dequantize(q).float()
         if not errors:  # the error of the plain 4-bit base, before any delta
-            e, r = error(Q, torch.zeros_like(delta))
-            errors.append(e)
-            row_errors.append(r)
+            record_error(Q, torch.zeros_like(delta))
         delta = (W32 - Q)[rows].to(delta_dtype)
-        e, r = error(Q, delta)
-        errors.append(e)
-        row_errors.append(r)
+        e = record_error(Q, delta)
         if e < best_error:
             best, best_error = (q, Q, delta), e
         if previous is not None and torch.equal(previous, Q):

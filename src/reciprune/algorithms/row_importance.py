@@ -54,20 +54,19 @@ def zo_projected_gradients(
     n_estimate: int,
     eps: float = 1e-3,
     seed: int = 0,
-    backup_device: str | torch.device | None = "cpu",
 ) -> Tensor:
     """p_k = (L(θ + εz_k) − L(θ − εz_k)) / 2ε for k = 1..n, as a float64 [n] tensor.
 
     `weights` are perturbed in place and `loss()` evaluated under `torch.no_grad()` (forward
-    only: no graph, no activations kept). θ is restored bit-exactly from a copy (on
-    `backup_device`; None: the weights' own device) before each perturbation and at the end,
-    even when `loss` raises: subtracting εz again would not give θ back in floating point.
+    only: no graph, no activations kept). θ is restored bit-exactly from a copy (on the CPU,
+    sparing accelerator memory) before each perturbation and at the end, even when `loss`
+    raises: subtracting εz again would not give θ back in floating point.
     """
     if n_estimate < 1:
         raise ValueError(f"n_estimate must be at least 1, got {n_estimate}")
     if eps <= 0:
         raise ValueError(f"eps must be positive, got {eps}")
-    backup = [w.detach().to(backup_device or w.device, copy=True) for w in weights]
+    backup = [w.detach().to("cpu", copy=True) for w in weights]
 
     def restore() -> None:
         for w, saved in zip(weights, backup, strict=True):

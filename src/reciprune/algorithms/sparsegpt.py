@@ -115,11 +115,7 @@ def sparsegpt_prune_stacked(
 
     Hinv = dampened_inverse_cholesky(H, percdamp, "SparseGPT")
 
-    block = BlockGraph(
-        partial(_prune_block, n=n, m=m, segments=segments),
-        enabled=W.is_cuda if cuda_graph is None else cuda_graph,
-        required=bool(cuda_graph),
-    )
+    block = BlockGraph(partial(_prune_block, n=n, m=m, segments=segments), cuda_graph, W.device)
     keep = torch.ones_like(W, dtype=torch.bool)
     for i1 in range(0, columns, blocksize):
         i2 = min(i1 + blocksize, columns)

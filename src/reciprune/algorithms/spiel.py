@@ -178,7 +178,6 @@ class _SparseDeltaProduct(torch.autograd.Function):
                 ctx.on_weight_grad(grad_w)
             if ctx.needs_input_grad[1]:
                 grad_values = grad_w.reshape(-1)[indices].to(values.dtype)
-            del grad_w
         return grad_x, grad_values, None, None, None, None
 
 

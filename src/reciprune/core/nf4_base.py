@@ -60,10 +60,8 @@ class NF4Backend:
             W.detach().contiguous(), blocksize=self.blocksize,
             compress_statistics=self.double_quant, quant_type="nf4",
         )  # fmt: skip
-        if state.nested:
-            return NF4Weight(packed.reshape(-1), state.absmax, tuple(W.shape), self.blocksize,
-                             state.state2.absmax, state.offset.reshape(()))  # fmt: skip
-        return NF4Weight(packed.reshape(-1), state.absmax, tuple(W.shape), self.blocksize)
+        nested = (state.state2.absmax, state.offset.reshape(())) if state.nested else ()
+        return NF4Weight(packed.reshape(-1), state.absmax, tuple(W.shape), self.blocksize, *nested)
 
     def dequantize(self, q: NF4Weight, dtype: torch.dtype = torch.float32) -> Tensor:
         """The NF4 values of `q` in `dtype`."""
@@ -95,7 +93,6 @@ class NF4Backend:
 def _bitsandbytes_problem(device: torch.device) -> str | None:
     """Why bitsandbytes cannot quantize NF4 on `device` here, or None when it can."""
     try:
-        import bitsandbytes  # noqa: F401
         from bitsandbytes.functional import dequantize_4bit, quantize_4bit
     except Exception as exc:  # an import can fail in many ways (missing CUDA libraries, …)
         return f"bitsandbytes does not import ({type(exc).__name__}: {exc})"
@@ -185,7 +182,6 @@ def quantize_linear(module: nn.Linear, backend: NF4Backend, q: NF4Weight | None 
     weight = module.weight
     if q is None:
         q = backend.quantize(weight)
-    dtype = weight.dtype
     del module._parameters["weight"]
     module.register_buffer(CODES, q.packed)
     module.register_buffer(ABSMAX, q.absmax)
@@ -194,7 +190,7 @@ def quantize_linear(module: nn.Linear, backend: NF4Backend, q: NF4Weight | None 
         module.register_buffer(ABSMAX_OFFSET, q.absmax_offset.reshape(()))
     module.__class__ = NF4Linear
     module.nf4_backend = backend
-    module.nf4_dtype = dtype
+    module.nf4_dtype = weight.dtype
 
 
 def quantize_base(model: nn.Module, backend: NF4Backend) -> dict[str, Any]:
@@ -211,10 +207,8 @@ def quantize_base(model: nn.Module, backend: NF4Backend) -> dict[str, Any]:
             if not isinstance(module, NF4Linear):
                 if module.weight.requires_grad:
                     continue
-                dense_bytes += module.weight.numel() * module.weight.element_size()
                 quantize_linear(module, backend)
-            else:
-                dense_bytes += module.in_features * module.out_features * module.nf4_dtype.itemsize
+            dense_bytes += module.in_features * module.out_features * module.nf4_dtype.itemsize
             packed_bytes += module.nf4().nbytes()
             names.append(f"{layers_name}.{index}.{name}")
     if not names:
@@ -239,8 +233,6 @@ def dequantize_state(state: dict[str, Tensor], model: nn.Module) -> dict[str, Te
     """A state dict with every NF4Linear's packed storage replaced by its dequantized
     `<module>.weight` (in the weight's original dtype); other entries unchanged."""
     modules = {name: m for name, m in model.named_modules() if isinstance(m, NF4Linear)}
-    if not modules:
-        return state
     state = dict(state)
     for name, module in modules.items():
         keys = {part: f"{name}.{part}" for part in (CODES, ABSMAX, ABSMAX_SCALE, ABSMAX_OFFSET)}
