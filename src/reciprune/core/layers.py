@@ -1,6 +1,9 @@
-"""Finding a model's decoder layers from the model itself (no tracing)."""
+"""Finding a model's decoder layers from the model itself (no tracing); its eval mode for a block."""
 
 from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from torch import nn
 
@@ -29,3 +32,15 @@ def find_decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
             "(Llama, Qwen2/3, Mistral, GPT-2, OPT and similar)."
         )
     return max(pool, key=lambda c: len(c[1]))
+
+
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
+    """`model` in eval mode (no dropout) inside the block, its own mode restored after, also when
+    the block raises."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield model
+    finally:
+        model.train(was_training)

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from reciprune.core.layers import eval_mode
 from reciprune.data.training import IGNORE_INDEX, question_answer_data
 from reciprune.progress import progress_bar
 
@@ -47,22 +48,20 @@ def answer_loss(
     device = next(model.parameters()).device
     per_problem: list[float] = []
     tokens = 0
-    was_training = model.training
-    model.eval()
-    starts = range(0, len(data), batch_size)
-    for start in progress_bar(starts, desc="answer loss", unit="batch", progress=progress):
-        batch = data.collate(range(start, min(start + batch_size, len(data))))
-        logits = model(
-            input_ids=batch["input_ids"].to(device),
-            attention_mask=batch["attention_mask"].to(device),
-        ).logits.float()
-        targets = batch["labels"][:, 1:].to(device)
-        nll = F.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
-        )
-        per_problem += nll.sum(dim=1).tolist()
-        tokens += int((targets != IGNORE_INDEX).sum())
-    model.train(was_training)
+    with eval_mode(model):
+        starts = range(0, len(data), batch_size)
+        for start in progress_bar(starts, desc="answer loss", unit="batch", progress=progress):
+            batch = data.collate(range(start, min(start + batch_size, len(data))))
+            logits = model(
+                input_ids=batch["input_ids"].to(device),
+                attention_mask=batch["attention_mask"].to(device),
+            ).logits.float()
+            targets = batch["labels"][:, 1:].to(device)
+            nll = F.cross_entropy(
+                logits[:, :-1].transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+            )
+            per_problem += nll.sum(dim=1).tolist()
+            tokens += int((targets != IGNORE_INDEX).sum())
     total = sum(per_problem)
     return AnswerLoss(
         nll_per_token=total / max(tokens, 1),

@@ -34,6 +34,7 @@ from typing import Any
 
 from torch import nn
 
+from reciprune.core.layers import eval_mode
 from reciprune.errors import DataError, ReciPruneError
 from reciprune.evaluation.local_tasks import LOCAL_TASKS
 
@@ -500,24 +501,22 @@ def evaluate_model(
     model, tokenizer, spec, fingerprint = _model_for_eval(
         model, tokenizer, trust_remote_code, device, dtype
     )
-    was_training = model.training
-    model.eval()
-    results: dict[str, dict[str, Any]] = {}
-    if plan.texts is not None:
-        results["perplexity"] = _perplexity_record(
-            model, tokenizer, plan.texts, text=ppl, max_seq_length=max_seq_length,
-            windows=ppl_samples, progress=progress,
-        )  # fmt: skip
-    results.update(_task_records(model, tokenizer, plan, progress=progress))
-    mt_bench = None
-    if plan.questions is not None:
-        mt_bench = _mt_bench_record(
-            model, tokenizer, plan.questions, questions_path=mt_bench_questions,
-            answers_path=mt_bench_answers, answers_dir=answers_dir,
-            model_id=model_id or _default_model_id(spec),
-            max_new_tokens=max_new_tokens, progress=progress,
-        )  # fmt: skip
-    model.train(was_training)
+    with eval_mode(model):
+        results: dict[str, dict[str, Any]] = {}
+        if plan.texts is not None:
+            results["perplexity"] = _perplexity_record(
+                model, tokenizer, plan.texts, text=ppl, max_seq_length=max_seq_length,
+                windows=ppl_samples, progress=progress,
+            )  # fmt: skip
+        results.update(_task_records(model, tokenizer, plan, progress=progress))
+        mt_bench = None
+        if plan.questions is not None:
+            mt_bench = _mt_bench_record(
+                model, tokenizer, plan.questions, questions_path=mt_bench_questions,
+                answers_path=mt_bench_answers, answers_dir=answers_dir,
+                model_id=model_id or _default_model_id(spec),
+                max_new_tokens=max_new_tokens, progress=progress,
+            )  # fmt: skip
     return {
         "model": spec, "model_fingerprint": fingerprint, "settings": asdict(plan.settings),
         "versions": _versions(), "results": results,

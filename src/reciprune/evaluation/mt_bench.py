@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from reciprune.core.layers import eval_mode
 from reciprune.errors import DataError
 from reciprune.progress import progress_bar
 
@@ -119,10 +120,8 @@ def generate_answers(
     progress: bool = True,
 ) -> list[dict[str, Any]]:
     """One FastChat answer record per question, every turn answered in the same conversation."""
-    was_training = model.training
-    model.eval()
     records = []
-    try:
+    with eval_mode(model):
         for question in progress_bar(questions, desc="mt-bench", unit="question", progress=progress):
             messages: list[dict[str, str]] = []
             answers: list[str] = []
@@ -138,8 +137,6 @@ def generate_answers(
                 "choices": [{"index": 0, "turns": answers}],
                 "tstamp": time.time(),
             })  # fmt: skip
-    finally:
-        model.train(was_training)
     return records
 
 

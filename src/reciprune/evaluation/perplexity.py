@@ -25,7 +25,7 @@ from reciprune.core.layer_io import (
     layers_replaced,
     to_device,
 )
-from reciprune.core.layers import find_decoder_layers
+from reciprune.core.layers import eval_mode, find_decoder_layers
 from reciprune.data.calibration import _pad_rows, separator_ids, token_stream
 from reciprune.data.training import IGNORE_INDEX
 from reciprune.errors import DataError
@@ -111,9 +111,7 @@ def perplexity(
         _window_batch(tokens, spans[first : first + batch_size], pad_id)
         for first in range(0, len(spans), batch_size)
     ]
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         bar = progress_bar(total=len(spans), desc="perplexity", unit="window", progress=progress)
         if placement is None:
             logits = _whole_model_logits(model, batches)
@@ -125,8 +123,6 @@ def perplexity(
             total_nll, total_tokens = total_nll + nll, total_tokens + count
             bar.update(len(batch["labels"]))
         bar.close()
-    finally:
-        model.train(was_training)
     nll = total_nll / total_tokens
     return PerplexityResult(ppl=math.exp(nll), nll=nll, num_tokens=total_tokens)
 

@@ -17,7 +17,7 @@ from reciprune.algorithms.ist import (
 )
 from reciprune.core import distributed as D
 from reciprune.core.events import Event, EventType
-from reciprune.core.layers import find_decoder_layers
+from reciprune.core.layers import eval_mode, find_decoder_layers
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.base import Modifier
 from reciprune.modifiers.registry import register_modifier
@@ -217,16 +217,12 @@ class ISTModifier(Modifier):
             self._scores, self._n_suppress, self.rollouts, _generator(self.seed, step, _SUPPRESS)
         )
         losses = []
-        training = model.training
-        model.eval()  # no dropout in the rollouts, as in the authors' code
-        try:
-            with torch.no_grad():
-                for layers in suppressed:
-                    with self._suppressed(set(layers.tolist())):
-                        batch_losses = [float(session.training.loss(b)) for b in self._batches]
-                    losses.append(sum(batch_losses) / len(batch_losses))
-        finally:
-            model.train(training)
+        # Eval mode: no dropout in the rollouts, as in the authors' code.
+        with eval_mode(model), torch.no_grad():
+            for layers in suppressed:
+                with self._suppressed(set(layers.tolist())):
+                    batch_losses = [float(session.training.loss(b)) for b in self._batches]
+                losses.append(sum(batch_losses) / len(batch_losses))
         # Every process must update the scores identically: the loss of the global batch.
         mean = D.all_reduce_mean(torch.tensor(losses, dtype=torch.float64))
         self._scores = update_importance(self._scores, suppressed, mean, self.importance_lr)

@@ -24,6 +24,7 @@ from reciprune.algorithms.row_importance import (
     zo_projected_gradients,
 )
 from reciprune.core import distributed as D
+from reciprune.core.layers import eval_mode
 from reciprune.core.targets import as_matrix, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.constant import keeps_base_zeros
@@ -275,15 +276,11 @@ class RowSparseFinetuneModifier(TargetedModifier):
                 "set by `reciprune finetune`). Use importance l2 or magnitude, or run it in a "
                 "finetune stage."
             )
-        model = session.model
-        was_training = model.training
-        model.eval()  # the two ZO losses must differ only by the perturbation (no dropout)
-        try:
+        # Eval mode: the two ZO losses must differ only by the perturbation (no dropout).
+        with eval_mode(session.model):
             if self.importance == "zo_taylor":
                 return self._zo_taylor_scores(batches, loss)
             return self._taylor_scores(batches, loss)
-        finally:
-            model.train(was_training)
 
     def _zo_taylor_scores(self, batches: list, loss: Any) -> dict[str, torch.Tensor]:
         weights = [m.weight for m in self._modules.values()]

@@ -34,7 +34,7 @@ from torch import nn
 
 from reciprune.core import distributed as D
 from reciprune.core.events import EventType
-from reciprune.core.layers import find_decoder_layers
+from reciprune.core.layers import eval_mode, find_decoder_layers
 from reciprune.core.session import LifecycleSession
 from reciprune.errors import ReciPruneError
 from reciprune.progress import progress_bar
@@ -400,13 +400,11 @@ class Trainer:
         per_rank = len(self.eval_data) // D.world_size()
         mine = list(range(D.rank() * per_rank, (D.rank() + 1) * per_rank))
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self.model.eval()
-        with torch.no_grad():
+        with eval_mode(self.model), torch.no_grad():
             for start in range(0, len(mine), self.plan.per_device):
                 batch = self._batch(mine[start : start + self.plan.per_device], self.eval_data)
                 loss, count = self._forward_loss(batch)
                 totals += torch.stack([loss.double() * count, count.double()])
-        self.model.train()
         totals = D.all_reduce_sum(totals)
         return float(totals[0] / totals[1].clamp_min(1))
 

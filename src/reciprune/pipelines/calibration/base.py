@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from reciprune.core.layer_io import LayerStep
-from reciprune.core.layers import find_decoder_layers
+from reciprune.core.layers import eval_mode, find_decoder_layers
 from reciprune.core.placement import InMemory
 from reciprune.core.reconstruction import ReconstructionProbe
 from reciprune.core.session import LifecycleSession
@@ -78,16 +78,13 @@ class CalibrationPipeline(ABC):
         probe = ReconstructionProbe(exact=self.exact_error)
         session = LifecycleSession(model, modifiers, run_type="oneshot", probe=probe)
         session.initialize()
-        was_training = model.training
-        model.eval()
-        try:
-            self.calibrate(session, batches)
-            session.finalize()
-        except BaseException:
-            session.abort()
-            raise
-        finally:
-            model.train(was_training)
+        with eval_mode(model):
+            try:
+                self.calibrate(session, batches)
+                session.finalize()
+            except BaseException:
+                session.abort()
+                raise
         self.timings["total"] = time.perf_counter() - started
         return OneshotResult(records=dict(session.records), timings=dict(self.timings))
 
