@@ -181,6 +181,8 @@ def _normalise(data: Any, origin: str) -> list[_RawStage]:
             "modifier groups go inside a stage when the recipe has stages; indent "
             f"'{groups[0]}:' under one of the stages ({', '.join(k for k in keys if k not in groups)}).",
         )
+    if "" in keys:
+        raise _fail(top, "a stage has an empty name. Name it, e.g. 'sparsity_stage:'.")
     return [_sparseml_stage(name, data[name], (*top, name)) for name in keys]
 
 
@@ -215,10 +217,11 @@ def _sparseml_stage(
             f"a stage must be a mapping holding '<group>_modifiers:' (and optionally "
             f"'run_type:'), but it is {_kind(body)}. Indent the modifier groups under the stage name.",
         )
+    body = {str(k): v for k, v in body.items()}  # YAML reads `1:` as an int key
     run_type = None
     settings: dict[str, Any] = {}
     modifiers: list[_RawModifier] = []
-    for key in keys if keys is not None else [str(k) for k in body]:
+    for key in keys if keys is not None else list(body):
         value = body[key]
         if key == "run_type":
             run_type = value
@@ -234,9 +237,8 @@ def _sparseml_stage(
                     f"'pruning_modifiers: {{{key}: {{...}}}}'."
                 )
             except RecipeError:
-                hint = _did_you_mean(
-                    key, ("run_type", *STAGE_SETTINGS, f"{key}s", "pruning_modifiers")
-                )
+                plural = (f"{key}s",) if key.endswith("_modifier") else ()  # a missing 's'
+                hint = _did_you_mean(key, ("run_type", *STAGE_SETTINGS, *plural, "pruning_modifiers"))
             raise _fail(
                 (*where, key),
                 f"unknown key in stage '{name}'.{hint} A stage holds '<group>_modifiers:' "
