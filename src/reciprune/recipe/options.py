@@ -39,8 +39,7 @@ class Options(BaseModel):
 
     @classmethod
     def field_meta(cls, name: str) -> dict[str, Any]:
-        extra = cls.model_fields[name].json_schema_extra
-        return dict(extra) if isinstance(extra, dict) else {}
+        return dict(cls.model_fields[name].json_schema_extra or {})
 
     @classmethod
     def recipe_fields(cls) -> list[str]:

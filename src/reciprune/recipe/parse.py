@@ -174,7 +174,7 @@ def _normalise(data: Any, origin: str) -> list[_RawStage]:
     groups = [k for k in keys if _is_group(k)]
     if groups and len(groups) == len(keys):
         # Top-level `<group>_modifiers:` without a stage around them: one default stage.
-        return [_sparseml_stage(DEFAULT_STAGE, data, top, keys)]
+        return [_sparseml_stage(DEFAULT_STAGE, {k: data[k] for k in keys}, top)]
     if groups:
         raise _fail(
             (*top, groups[0]),
@@ -201,9 +201,7 @@ def _is_group(key: str) -> bool:
     return key == "modifiers" or key.endswith("_modifiers")
 
 
-def _sparseml_stage(
-    name: str, body: Any, where: tuple[str, ...], keys: Sequence[str] | None = None
-) -> _RawStage:
+def _sparseml_stage(name: str, body: Any, where: tuple[str, ...]) -> _RawStage:
     """A SparseML stage: `<group>_modifiers:` mappings (or lists) and an optional `run_type:`."""
     if body is None or body == {}:
         raise _fail(
@@ -221,8 +219,7 @@ def _sparseml_stage(
     run_type = None
     settings: dict[str, Any] = {}
     modifiers: list[_RawModifier] = []
-    for key in keys if keys is not None else list(body):
-        value = body[key]
+    for key, value in body.items():
         if key == "run_type":
             run_type = value
         elif key in STAGE_SETTINGS:
@@ -371,15 +368,14 @@ def _explicit_stages(
             )
         first_index[name] = i
         mods = stage.get("modifiers")
-        if mods in (None, []) and (
-            stage.get("training") is not None or stage.get("run_type") == "finetune"
-        ):
+        if mods in (None, []):
+            if stage.get("training") is None and stage.get("run_type") != "finetune":
+                raise _fail(
+                    (*here, "modifiers"),
+                    f"stage {name!r} has no modifiers. Add entries like "
+                    "'- type: SparseGPTModifier'.",
+                )
             mods = []  # a dense fine-tuning stage (`Recipe.to_yaml` writes `modifiers: []`)
-        elif mods is None or mods == []:
-            raise _fail(
-                (*here, "modifiers"),
-                f"stage {name!r} has no modifiers. Add entries like '- type: SparseGPTModifier'.",
-            )
         if not isinstance(mods, list):
             raise _fail((*here, "modifiers"), f"'modifiers' must be a list, not {_kind(mods)}.")
         entries = [_modifier_entry(m, (*here, f"modifiers[{j}]")) for j, m in enumerate(mods)]
@@ -404,23 +400,19 @@ def _apply_overrides_raw(stages: list[_RawStage], overrides: Sequence[str]) -> N
             )
         field_name, modifier_spec = parts[-1], parts[-2]
         stage_name = ".".join(parts[:-2]) or None
-        if stage_name is None:
-            if len(stages) != 1:
-                raise _fail(
-                    where,
-                    f"the recipe has {len(stages)} stages ({', '.join(names)}); say which one, "
-                    f"as in '{names[0]}.{key.strip()}={value_text}'.",
-                )
-            stage = stages[0]
-        else:
-            matching = [s for s in stages if s.name == stage_name]
-            if not matching:
-                raise _fail(
-                    where,
-                    f"the recipe has no stage named {stage_name!r}."
-                    f"{_did_you_mean(stage_name, names, 0.5)} Its stages are: {', '.join(names)}.",
-                )
-            stage = matching[0]
+        if stage_name is None and len(stages) != 1:
+            raise _fail(
+                where,
+                f"the recipe has {len(stages)} stages ({', '.join(names)}); say which one, "
+                f"as in '{names[0]}.{key.strip()}={value_text}'.",
+            )
+        if stage_name is not None and stage_name not in names:
+            raise _fail(
+                where,
+                f"the recipe has no stage named {stage_name!r}."
+                f"{_did_you_mean(stage_name, names, 0.5)} Its stages are: {', '.join(names)}.",
+            )
+        stage = stages[0 if stage_name is None else names.index(stage_name)]
         try:
             value = yaml.safe_load(value_text) if value_text.strip() else None
         except yaml.YAMLError as exc:
