@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, model_validator
 
 from reciprune.errors import RecipeError
 from reciprune.modifiers.base import Modifier
@@ -39,22 +39,6 @@ class Stage(BaseModel):
     calibration: CalibrationOptions | None = Field(
         None, description="Calibration options of a oneshot stage (command-line flags override)."
     )
-
-    @field_validator("modifiers", mode="before")
-    @classmethod
-    def _build_modifiers(cls, value: Any) -> Any:
-        """Turn `{type: Name, **fields}` mappings into instances of the registered class."""
-        if not isinstance(value, list):
-            return value
-        from reciprune.modifiers.registry import get_modifier_class
-
-        built = []
-        for entry in value:
-            if isinstance(entry, dict) and "type" in entry:
-                fields = {k: v for k, v in entry.items() if k != "type"}
-                entry = get_modifier_class(str(entry["type"])).model_validate(fields)
-            built.append(entry)
-        return built
 
     @model_validator(mode="after")
     def _check_run_types(self) -> Stage:
