@@ -147,12 +147,11 @@ class OutputDistillationModifier(Modifier):
 
     @model_validator(mode="after")
     def _check_temperature(self) -> OutputDistillationModifier:
-        if "temperature" in self.model_fields_set and self.comparison != "kl_divergence":
-            if self.temperature != 1.0:
-                raise ValueError(
-                    f"temperature applies to comparison 'kl_divergence' only, but comparison is "
-                    f"'{self.comparison}'; remove temperature or change the comparison"
-                )
+        if self.comparison != "kl_divergence" and self.temperature != 1.0:
+            raise ValueError(
+                f"temperature applies to comparison 'kl_divergence' only, but comparison is "
+                f"'{self.comparison}'; remove temperature or change the comparison"
+            )
         return self
 
     # wiring ----------------------------------------------------------------------------------

@@ -21,9 +21,8 @@ def _type_name(field: FieldInfo) -> str:
 
 
 def _default(field: FieldInfo) -> object:
-    if field.default_factory is not None:
-        return field.default_factory()
-    return None if field.default is PydanticUndefined else field.default
+    default = field.get_default(call_default_factory=True)
+    return None if default is PydanticUndefined else default
 
 
 def _example(cls: type[Modifier]) -> str:

@@ -212,13 +212,12 @@ class ISTModifier(Modifier):
     def _update_importance(self, session: LifecycleSession, step: int) -> None:
         if session.training.loss is None:
             raise RuntimeError("ISTModifier needs session.training.loss (the task loss of a batch)")
-        model = session.model
         suppressed = sample_suppression_rollouts(
             self._scores, self._n_suppress, self.rollouts, _generator(self.seed, step, _SUPPRESS)
         )
         losses = []
         # Eval mode: no dropout in the rollouts, as in the authors' code.
-        with eval_mode(model), torch.no_grad():
+        with eval_mode(session.model), torch.no_grad():
             for layers in suppressed:
                 with self._suppressed(set(layers.tolist())):
                     batch_losses = [float(session.training.loss(b)) for b in self._batches]

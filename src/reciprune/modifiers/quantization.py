@@ -121,6 +121,12 @@ class QuantizationModifier(TargetedModifier):
         "percdamp": "dampening_frac",
         "blocksize": "block_size",
     }
+    #: Refusal of a modifier that adds layer parameters (its name second) in this one's stage.
+    _beside_adapter: ClassVar[str] = (
+        "{} cannot train beside {}: its parameters are folded into the weights only at export, "
+        "so the trained forward would not be the saved one. Fine-tune with it first, then "
+        "quantize in a later stage."
+    )
 
     # validation ------------------------------------------------------------------------------
     @field_validator("scheme")
@@ -178,13 +184,7 @@ class QuantizationModifier(TargetedModifier):
                 "config per checkpoint); give different settings per module with config_groups"
             )
         adds = [m.type_name() for m in earlier if m.adds_layer_parameters]
-        if adds:
-            return (
-                f"{self.type_name()} cannot train beside {adds[0]}: its parameters are folded "
-                "into the weights only at export, so the trained forward would not be the saved "
-                "one. Fine-tune with it first, then quantize in a later stage."
-            )
-        return None
+        return self._beside_adapter.format(self.type_name(), adds[0]) if adds else None
 
     # targets ---------------------------------------------------------------------------------
     def assign_schemes(
@@ -332,10 +332,9 @@ class QuantizationModifier(TargetedModifier):
         selected = self._resolve(session)
         stored = checkpoint_qparams(session.model, list(self._assigned))
         self._qat: dict[str, tuple[torch.Tensor, torch.Tensor, QuantizationScheme]] = {}
-        for name, module in selected.items():
-            if name not in self._assigned:
-                continue
-            scheme = self._stored[self._assigned[name][0]]
+        for name, (group, _) in self._assigned.items():
+            module = selected[name]
+            scheme = self._stored[group]
             W = weight_matrix(module).detach()
             with torch.no_grad():
                 scale, zero = observe_weight(W, scheme.weights, self.observer)
@@ -374,11 +373,7 @@ class QuantizationModifier(TargetedModifier):
             )
         adds = [m.type_name() for m in session.modifiers if m.adds_layer_parameters]
         if adds:
-            raise RecipeError(
-                f"{where} cannot train beside {adds[0]}: its parameters are folded into the "
-                "weights only at export, so the trained forward would not be the saved one. "
-                "Fine-tune with it first, then quantize in a later stage."
-            )
+            raise RecipeError(self._beside_adapter.format(where, adds[0]))
 
     def export_model(self, model: nn.Module) -> None:
         """Finetune: round the trained weights of `model` (the plain model about to be saved)
@@ -386,13 +381,9 @@ class QuantizationModifier(TargetedModifier):
         saved quantized and computes what training computed."""
         from compressed_tensors.quantization import QuantizationStatus
 
-        qat = getattr(self, "_qat", None)
-        if not qat:
-            return
-        modules = dict(model.named_modules())
         with torch.no_grad():
-            for name, (scale, zero, scheme) in qat.items():
-                module = modules[name]
+            for name, (scale, zero, scheme) in getattr(self, "_qat", {}).items():
+                module = model.get_submodule(name)
                 W = weight_matrix(module)
                 scale, zero = scale.to(W.device), zero.to(W.device)
                 Q = fake_quantize_weight(W.float(), scale, zero, scheme.weights).to(W.dtype)
