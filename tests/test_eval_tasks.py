@@ -178,7 +178,7 @@ class _ScriptedLM:
 def test_asdiv_generation_task_scores_extracted_answers_with_disjoint_fewshot():
     from lm_eval.tasks import TaskManager
 
-    from reciprune.evaluation.harness import _run_lm_eval
+    from reciprune.evaluation.harness import _run_lm_eval, _TaskSettings
 
     heldout, train = asdiv_problems("heldout"), asdiv_problems("train")
     # Right for problems 0 and 2 (one in words around the number), wrong for 1, silent for 3.
@@ -188,8 +188,10 @@ def test_asdiv_generation_task_scores_extracted_answers_with_disjoint_fewshot():
         heldout[2]["question"]: f" So the answer is {heldout[2]['answer']}\n",
     }
     lm = _ScriptedLM(script)
+    settings = _TaskSettings(limit=4, num_fewshot=2, batch_size=8, max_new_tokens=16,
+                             apply_chat_template=False, seed=0)  # fmt: skip
     record = _run_lm_eval(TaskRequest("asdiv", "asdiv", "asdiv"), lm, TaskManager(include_defaults=False), None,
-                          limit=4, num_fewshot=2, max_new_tokens=16, apply_chat_template=False, seed=0)  # fmt: skip
+                          settings)  # fmt: skip
     assert record["exact_match"] == pytest.approx(2 / 4) and record["num_samples"] == 4
     train_texts = {f"Question: {p['question']}\nAnswer: {p['answer']}" for p in train}
     for context, problem in zip(lm.contexts, heldout, strict=False):

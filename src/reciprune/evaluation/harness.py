@@ -188,9 +188,8 @@ def _metrics(raw: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_lm_eval(
-    request: TaskRequest, lm: Any, manager: Any, loaded: list[Any] | None, *, limit: float | None, num_fewshot: int | None,
-    max_new_tokens: int, apply_chat_template: bool, seed: int,
-) -> dict[str, Any]:  # fmt: skip
+    request: TaskRequest, lm: Any, manager: Any, loaded: list[Any] | None, settings: _TaskSettings
+) -> dict[str, Any]:
     from lm_eval import simple_evaluate
 
     from reciprune.evaluation import local_tasks, math_generation
@@ -199,14 +198,15 @@ def _run_lm_eval(
         tasks = [local_tasks.lm_eval_task(request.target)]
         source = LOCAL_TASKS[request.target].source
     elif request.kind == "asdiv":
-        tasks = [math_generation.lm_eval_task(max_new_tokens)]
+        tasks = [math_generation.lm_eval_task(settings.max_new_tokens)]
         source = math_generation.ASDIV_SOURCE
     else:
         tasks = loaded  # `_prepare_lm_eval` loaded every registry task before the weights
         source = f"lm_eval:{request.target}"
+    num_fewshot, seed = settings.num_fewshot, settings.seed
     output = simple_evaluate(
-        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit, task_manager=manager,
-        log_samples=False, apply_chat_template=apply_chat_template,
+        model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=settings.limit, task_manager=manager,
+        log_samples=False, apply_chat_template=settings.apply_chat_template,
         # Means (acc, exact_match) get closed-form standard errors whenever this is > 0.
         bootstrap_iters=1000,
         random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
@@ -233,7 +233,7 @@ def _run_lm_eval(
     if "num_fewshot" not in record:
         record["num_fewshot"] = num_fewshot if num_fewshot is not None else "task default"
     if request.kind == "asdiv":
-        record["max_new_tokens"] = max_new_tokens
+        record["max_new_tokens"] = settings.max_new_tokens
     record["source"] = source
     return record
 
@@ -377,16 +377,10 @@ def _task_records(
 
                     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=settings.batch_size)
                 record = _run_lm_eval(
-                    request, lm, plan.manager, plan.registry_tasks.get(request.key),
-                    limit=settings.limit, num_fewshot=settings.num_fewshot,
-                    max_new_tokens=settings.max_new_tokens,
-                    apply_chat_template=settings.apply_chat_template, seed=settings.seed,
-                )  # fmt: skip
+                    request, lm, plan.manager, plan.registry_tasks.get(request.key), settings
+                )
         if request.kind in ("asdiv", "asdiv_nll"):
-            record.update(_asdiv_nll_record(
-                request, model, tokenizer, limit=settings.limit, batch_size=settings.batch_size,
-                progress=progress,
-            ))  # fmt: skip
+            record.update(_asdiv_nll_record(request, model, tokenizer, settings, progress))
         record["limit"] = settings.limit
         record["seconds"] = time.perf_counter() - start
         results[request.key] = record
@@ -394,16 +388,15 @@ def _task_records(
 
 
 def _asdiv_nll_record(
-    request: TaskRequest, model: nn.Module, tokenizer: Any, *, limit: float | None,
-    batch_size: int, progress: bool,
-) -> dict[str, Any]:  # fmt: skip
+    request: TaskRequest, model: nn.Module, tokenizer: Any, settings: _TaskSettings, progress: bool
+) -> dict[str, Any]:
     """The gold answers' NLL on the held-out ASDiv problems, for `asdiv` or `asdiv_nll`."""
     from reciprune.data.embedded import asdiv_problems
     from reciprune.evaluation.answer_loss import answer_loss
     from reciprune.evaluation.math_generation import ASDIV_SOURCE
 
-    problems = _first(asdiv_problems("heldout"), limit)
-    loss = answer_loss(model, tokenizer, problems, batch_size=batch_size, progress=progress)
+    problems = _first(asdiv_problems("heldout"), settings.limit)
+    loss = answer_loss(model, tokenizer, problems, batch_size=settings.batch_size, progress=progress)
     nll = {
         "answer_nll": loss.nll_per_token,
         "answer_nll_per_answer": loss.nll_per_answer,

@@ -173,24 +173,26 @@ def local_task_docs(name: str) -> tuple[list[dict[str, Any]], list[dict[str, Any
     return evaluated, pool
 
 
-def lm_eval_task(name: str) -> Any:
-    """An lm-eval `ConfigurableTask` (multiple choice, acc and acc_norm) for a local task."""
+def configurable_task(
+    evaluated: list[dict[str, Any]], pool: list[dict[str, Any]], config: dict[str, Any]
+) -> Any:
+    """An lm-eval `ConfigurableTask` of `config` on the `evaluated` documents, its few-shot
+    examples drawn from `pool` (a split of their own, so never a scored document)."""
     import datasets
     from lm_eval.api.task import ConfigurableTask
 
+    data = datasets.DatasetDict(
+        {"test": datasets.Dataset.from_list(evaluated), "train": datasets.Dataset.from_list(pool)}
+    )
+    splits = {"custom_dataset": lambda **_: data, "test_split": "test", "fewshot_split": "train"}
+    return ConfigurableTask(config={**splits, **config})
+
+
+def lm_eval_task(name: str) -> Any:
+    """An lm-eval `ConfigurableTask` (multiple choice, acc and acc_norm) for a local task."""
     task = LOCAL_TASKS[name]
-
-    def dataset(**_: Any) -> datasets.DatasetDict:
-        evaluated, pool = local_task_docs(name)
-        return datasets.DatasetDict(
-            {"test": datasets.Dataset.from_list(evaluated), "train": datasets.Dataset.from_list(pool)}
-        )
-
     config = {
         "task": task.task_name,
-        "custom_dataset": dataset,
-        "test_split": "test",
-        "fewshot_split": "train",
         "output_type": "multiple_choice",
         "doc_to_text": "query",
         "doc_to_choice": "choices",
@@ -202,4 +204,4 @@ def lm_eval_task(name: str) -> Any:
         ],
         "metadata": {"version": 1.0, "source": task.source},
     }
-    return ConfigurableTask(config=config)
+    return configurable_task(*local_task_docs(name), config)

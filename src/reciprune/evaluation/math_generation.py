@@ -27,6 +27,7 @@ from typing import Any
 
 from reciprune.data.embedded import asdiv_problems
 from reciprune.data.training import question_answer_prompt
+from reciprune.evaluation.local_tasks import configurable_task
 
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 #: Stop sequences of the generation (eos is added by lm-eval).
@@ -75,20 +76,8 @@ def _process_results(doc: dict[str, Any], results: Sequence[str]) -> dict[str, f
 
 def lm_eval_task(max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Any:
     """An lm-eval `generate_until` task on the held-out ASDiv problems, metric `exact_match`."""
-    import datasets
-    from lm_eval.api.task import ConfigurableTask
-
-    def dataset(**_: Any) -> datasets.DatasetDict:
-        evaluated, pool = asdiv_problems("heldout"), asdiv_problems("train")  # few-shot: train
-        return datasets.DatasetDict(
-            {"test": datasets.Dataset.from_list(evaluated), "train": datasets.Dataset.from_list(pool)}
-        )
-
     config = {
         "task": "reciprune_asdiv",
-        "custom_dataset": dataset,
-        "test_split": "test",
-        "fewshot_split": "train",
         "output_type": "generate_until",
         "doc_to_text": _doc_to_text,
         "doc_to_target": "answer",
@@ -103,4 +92,4 @@ def lm_eval_task(max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS) -> Any:
         "metric_list": [{"metric": "exact_match", "aggregation": "mean", "higher_is_better": True}],
         "metadata": {"version": 1.0, "source": ASDIV_SOURCE},
     }
-    return ConfigurableTask(config=config)
+    return configurable_task(asdiv_problems("heldout"), asdiv_problems("train"), config)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 from reciprune.errors import ReciPruneError
@@ -50,21 +51,16 @@ def report_table(manifest: dict[str, Any]) -> str:
 
 def plot_report(manifest: dict[str, Any], path: Path) -> Path:
     """PNG of mean sparsity and mean reconstruction error per decoder layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     per_layer: dict[int, list[dict[str, Any]]] = {}
     for name, record in manifest.get("layers", {}).items():
         per_layer.setdefault(_layer_index(name), []).append(record)
     indices = sorted(i for i in per_layer if i >= 0)
-    sparsity = [sum(r.get("sparsity", 0) for r in per_layer[i]) / len(per_layer[i]) for i in indices]
-    errors = [
-        sum(r.get("reconstruction_error") or 0 for r in per_layer[i]) / len(per_layer[i])
-        for i in indices
-    ]
-    figure, (top, bottom) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    sparsity = [fmean(r.get("sparsity", 0) for r in per_layer[i]) for i in indices]
+    errors = [fmean(r.get("reconstruction_error") or 0 for r in per_layer[i]) for i in indices]
+    figure = Figure(figsize=(8, 5))  # not pyplot's: drawn off-screen, nothing to close
+    top, bottom = figure.subplots(2, 1, sharex=True)
     top.bar(indices, sparsity, color="tab:blue")
     top.set_ylabel("sparsity")
     top.set_ylim(0, 1)
@@ -74,7 +70,6 @@ def plot_report(manifest: dict[str, Any], path: Path) -> Path:
     figure.suptitle("per-layer sparsity and ‖WX − W'X‖² / ‖WX‖² (mean over modules)")
     figure.tight_layout()
     figure.savefig(path, dpi=100)
-    plt.close(figure)
     return path
 
 
@@ -83,12 +78,10 @@ def loss_curve_png(history: list[dict[str, Any]], evals: list[dict[str, Any]]) -
     with the held-out loss at the steps it was measured."""
     import io
 
-    import matplotlib
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(8, 4))
+    figure = Figure(figsize=(8, 4))
+    axis = figure.subplots()
     steps = [h["step"] for h in history]
     parts = [k for k in (history[0] if history else {}) if k == "loss" or k.endswith("_loss")]
     for key in parts:
@@ -105,5 +98,4 @@ def loss_curve_png(history: list[dict[str, Any]], evals: list[dict[str, Any]]) -
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
-    plt.close(figure)
     return buffer.getvalue()

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 import reciprune
+from reciprune.algorithms.masks import satisfies_nm
 from reciprune.core.experts import ExpertSlice, attach_expert_slices
 from reciprune.core.targets import is_linear_like, weight_matrix
 from reciprune.models import ModelSource
@@ -121,15 +122,6 @@ def build_manifest(
     return manifest
 
 
-def nm_holds(matrix: torch.Tensor, n: int, m: int) -> bool:
-    """True when every group of `m` consecutive inputs in each row has at least `n` zeros."""
-    rows, cols = matrix.shape
-    if cols % m:
-        return False
-    zeros = (matrix == 0).reshape(rows, cols // m, m).sum(dim=-1)
-    return bool((zeros >= n).all())
-
-
 def _default_modules(model: nn.Module) -> dict[str, nn.Module]:
     # The output head (lm_head, tied or not) is never pruned by default; embeddings are not Linear.
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -175,7 +167,8 @@ def layer_sparsity_report(
     for name, module in _selected_modules(model, module_names).items():
         matrix = weights(name, module).detach()
         zeros = int((matrix == 0).sum())
-        nm = next((f"{n}:{m}" for n, m in NM_PATTERNS if nm_holds(matrix, n, m)), None)
+        # At least n zeros in every m is at most m - n non-zeros.
+        nm = next((f"{n}:{m}" for n, m in NM_PATTERNS if satisfies_nm(matrix, m - n, m)), None)
         report[name] = {
             "sparsity": zeros / matrix.numel(),
             "shape": list(matrix.shape),
