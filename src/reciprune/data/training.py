@@ -465,9 +465,8 @@ def _raw_text(
             f"{source} has {len(stream)} tokens of raw text, fewer than one chunk of "
             f"max_seq_length={max_seq_length}. Provide more text or lower max_seq_length."
         )
-    starts = range(0, len(stream) - max_seq_length + 1, max_seq_length)
-    chunks = [stream[s : s + max_seq_length] for s in starts][:max_samples]
-    return [(chunk, list(chunk)) for chunk in chunks]
+    # Raw text is one example, its labels the ids, packed into full chunks (none lacks a target).
+    return _pack([(stream, stream)], max_seq_length, source)[:max_samples]
 
 
 def _row_examples(
