@@ -86,11 +86,6 @@ class LoRAModifier(Modifier):
                              "decoder layers, or name modules like 'q_proj'")
         return checked_patterns(value)
 
-    @property
-    def scaling(self) -> float:
-        """s = alpha / r, the factor of the adapter output."""
-        return self.alpha / self.r
-
     # wiring ----------------------------------------------------------------------------------
     def resolve(self, model: nn.Module) -> dict[str, bool]:
         """Full names of the Linear-like modules inside the decoder layers that `targets` select,
@@ -104,11 +99,12 @@ class LoRAModifier(Modifier):
                 if name and is_linear_like(module) and selected:
                     found[full] = stores_transposed(module)
         if not found:
+            linears = (n for n, m in layers[0].named_modules() if n and is_linear_like(m))
             raise ReciPruneError(
                 f"{self.type_name()}: targets {self.targets} select no Linear module inside the "
                 f"decoder layers '{layers_name}' of {type(model).__name__}. Use 'Linear', "
                 f"suffixes of module names such as 'q_proj' or 'mlp.down_proj' (e.g. "
-                f"'{next(iter(_linear_names(layers[0])), 'q_proj')}'), or 're:' regexes."
+                f"'{next(linears, 'q_proj')}'), or 're:' regexes."
             )
         if len(set(found.values())) > 1:
             raise ReciPruneError(
@@ -185,7 +181,7 @@ class LoRAModifier(Modifier):
         for name, transposed in self._modules.items():
             t = self._adapter_tensors(state, name)
             state[f"{name}.weight"] = lora_merge(
-                t["base_layer"], t["lora_A"], t["lora_B"], self.scaling,
+                t["base_layer"], t["lora_A"], t["lora_B"], self.alpha / self.r,
                 t.get("lora_magnitude_vector"), transposed=transposed,
             )  # fmt: skip
             del state[f"{name}.base_layer.weight"]
@@ -205,10 +201,9 @@ class LoRAModifier(Modifier):
             # PEFT's save_pretrained names: the model under base_model.model., no adapter name,
             # and the DoRA magnitude without '.weight'.
             prefix = f"base_model.model.{name}"
-            tensors[f"{prefix}.lora_A.weight"] = t["lora_A"].contiguous()
-            tensors[f"{prefix}.lora_B.weight"] = t["lora_B"].contiguous()
-            if self.use_dora:
-                tensors[f"{prefix}.lora_magnitude_vector"] = t["lora_magnitude_vector"].contiguous()
+            for part in self._parts():
+                suffix = "" if part == "lora_magnitude_vector" else ".weight"
+                tensors[f"{prefix}.{part}{suffix}"] = t[part].contiguous()
         config = self.lora_config()
         config.inference_mode = True
         config.task_type = "CAUSAL_LM"
@@ -217,7 +212,3 @@ class LoRAModifier(Modifier):
             ADAPTER_FILE: save(tensors, metadata={"format": "pt"}),
             ADAPTER_CONFIG_FILE: json.dumps(as_dict, indent=2, default=str).encode("utf-8"),
         }
-
-
-def _linear_names(layer: nn.Module) -> list[str]:
-    return [name for name, module in layer.named_modules() if name and is_linear_like(module)]

@@ -56,12 +56,6 @@ class MagnitudePruningModifier(PruningModifier):
         set_weight_matrix(module, W)
         return keep
 
-    def scheduled_sparsity(self, global_step: int, total_steps: int | None, target: float) -> float:
-        start = int(self._resolve_step(self.start or 0, total_steps))
-        end_value = self.end if self.end not in (None, -1) else total_steps
-        end = int(self._resolve_step(end_value, total_steps)) if end_value else start
-        return cubic_sparsity(global_step, start, end, self.init_sparsity, target)
-
     def on_event(self, session: LifecycleSession, event: Event) -> None:
         if session.run_type == "oneshot":
             super().on_event(session, event)
@@ -69,15 +63,18 @@ class MagnitudePruningModifier(PruningModifier):
         if event.type != EventType.OPTIMIZER_POST_STEP:
             return
         n, m = parse_mask_structure(self.mask_structure)
-        start = int(self._resolve_step(self.start or 0, event.total_steps))
-        update = (event.global_step - start) % self.update_frequency == 0
+        step, total = event.global_step, event.total_steps
+        start = int(self._resolve_step(self.start or 0, total))
+        end_value = self.end if self.end not in (None, -1) else total
+        end = int(self._resolve_step(end_value, total)) if end_value else start
+        update = (step - start) % self.update_frequency == 0
         masks: dict[str, torch.Tensor] = getattr(self, "_masks", {})
         with torch.no_grad():
             for index, modules in self._targets.items():
                 for name, module in modules.items():
                     if update or name not in masks:
                         target = self.sparsity_for(index, name)
-                        sparsity = self.scheduled_sparsity(event.global_step, event.total_steps, target)
+                        sparsity = cubic_sparsity(step, start, end, self.init_sparsity, target)
                         masks[name] = self.prune_module(session, module, sparsity, n, m)
                         session.records[name].update(method=self.type_name(), sparsity=sparsity)
                     else:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 from torch import nn
 
 from reciprune.algorithms.nf4 import quant_residual
@@ -29,7 +29,7 @@ from reciprune.core.targets import as_matrix, weight_matrix
 from reciprune.errors import RecipeError, ReciPruneError
 from reciprune.modifiers.constant import keeps_base_zeros
 from reciprune.modifiers.registry import register_modifier
-from reciprune.modifiers.targeted import TargetedModifier
+from reciprune.modifiers.targeted import DeltaModifier
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession
@@ -41,13 +41,15 @@ DELTAS_FILE = "row_sparse_deltas.safetensors"
 #: Last name components of query/key/value projections (separate or fused), left out unless
 #: `finetune_attn_as_linear` (the reference's `--finetune_attn_as_linear`).
 _QKV = ("q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "c_attn", "Wqkv")
-# The reference's command-line spellings.
-_IMPORTANCE_ALIASES = {"ZOtaylor": "zo_taylor", "l1": "magnitude"}
-_DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+# The reference's command-line spellings, by field.
+_ALIASES = {
+    "importance": {"ZOtaylor": "zo_taylor", "l1": "magnitude"},
+    "param_dtype": {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"},
+}
 
 
 @register_modifier
-class RowSparseFinetuneModifier(TargetedModifier):
+class RowSparseFinetuneModifier(DeltaModifier):
     """Fine-tune only the most important output rows of each targeted Linear, through a trainable row delta (row-sparse fine-tuning).
 
     Before training, every targeted Linear's output rows (neurons) are scored on the first
@@ -117,10 +119,6 @@ class RowSparseFinetuneModifier(TargetedModifier):
     )
     seed: int = Field(0, description="Seed of the ZO perturbations and of the kaiming init.")
 
-    run_types: ClassVar[tuple[str, ...]] = ("finetune",)
-    #: Adds per-layer trainable parameters (ISTModifier can schedule them).
-    adds_layer_parameters: ClassVar[bool] = True
-    freezes_base: ClassVar[bool] = True
     example_fields: ClassVar[dict[str, Any]] = {"finetuning_rank": 16}
     paper: ClassVar[str] = (
         "Li & Bhaskara, 'An Efficient Sparse Fine-Tuning with Low Quantization Error via Neural "
@@ -128,15 +126,10 @@ class RowSparseFinetuneModifier(TargetedModifier):
     )
 
     # validation ------------------------------------------------------------------------------
-    @field_validator("importance", mode="before")
+    @field_validator("importance", "param_dtype", mode="before")
     @classmethod
-    def _importance_alias(cls, value: Any) -> Any:
-        return _IMPORTANCE_ALIASES.get(value, value) if isinstance(value, str) else value
-
-    @field_validator("param_dtype", mode="before")
-    @classmethod
-    def _dtype_alias(cls, value: Any) -> Any:
-        return _DTYPE_ALIASES.get(value, value) if isinstance(value, str) else value
+    def _reference_spelling(cls, value: Any, info: ValidationInfo) -> Any:
+        return _ALIASES[info.field_name].get(value, value) if isinstance(value, str) else value
 
     @property
     def needs_4bit_base(self) -> bool:
@@ -164,12 +157,10 @@ class RowSparseFinetuneModifier(TargetedModifier):
 
     # wiring ----------------------------------------------------------------------------------
     def on_prepare(self, session: LifecycleSession) -> None:
-        TargetedModifier.on_initialize(self, session)  # resolves the targets (self._targets)
+        super().on_prepare(session)
         self._modules = self._finetuned_modules()
         counts = {name: self._row_count(name, module) for name, module in self._modules.items()}
         self._mask = keeps_base_zeros(self.mask_base_zeros, session)
-        for param in session.model.parameters():
-            param.requires_grad_(False)
         backend = self._residual_backend(session)
         scores = self._scores(session)
         for index, (name, module) in enumerate(self._modules.items()):
@@ -222,11 +213,6 @@ class RowSparseFinetuneModifier(TargetedModifier):
         )
         return result.delta
 
-    def on_initialize(self, session: LifecycleSession) -> None:
-        # Targets were resolved in on_prepare, before FSDP wrapped the layers.
-        if not hasattr(self, "_modules"):
-            raise RuntimeError(f"{self.type_name()}: on_prepare must run before on_initialize")
-
     def _finetuned_modules(self) -> dict[str, nn.Module]:
         modules = {
             name: module
@@ -263,11 +249,9 @@ class RowSparseFinetuneModifier(TargetedModifier):
 
     def _scores(self, session: LifecycleSession) -> dict[str, torch.Tensor]:
         """Row importance of every fine-tuned module, by name (float32 [d_out])."""
-        modules = self._modules
-        if self.importance == "l2":
-            return {n: l2_row_scores(weight_matrix(m)) for n, m in modules.items()}
-        if self.importance == "magnitude":
-            return {n: magnitude_row_scores(weight_matrix(m)) for n, m in modules.items()}
+        if self.importance in ("l2", "magnitude"):
+            score = l2_row_scores if self.importance == "l2" else magnitude_row_scores
+            return {n: score(weight_matrix(m)) for n, m in self._modules.items()}
         batches, loss = session.training.sample_batches, session.training.loss
         if not batches or loss is None:
             raise ReciPruneError(
@@ -283,9 +267,8 @@ class RowSparseFinetuneModifier(TargetedModifier):
             return self._taylor_scores(batches, loss)
 
     def _zo_taylor_scores(self, batches: list, loss: Any) -> dict[str, torch.Tensor]:
-        weights = [m.weight for m in self._modules.values()]
         projected = zo_projected_gradients(
-            weights,
+            [m.weight for m in self._modules.values()],
             lambda: sum(float(loss(batch)) for batch in batches) / len(batches),
             n_estimate=self.n_estimate,
             eps=self.zo_eps,
@@ -344,24 +327,22 @@ class RowSparseFinetuneModifier(TargetedModifier):
     # export ----------------------------------------------------------------------------------
     def _effective_deltas(
         self, state: dict[str, torch.Tensor]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """(ΔW as applied, i.e. masked when masking is on; R) of every module, from `state`."""
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(W as [out, in]; ΔW as applied, i.e. masked when masking is on; R) of each module."""
         out = {}
-        for name in self._modules:
+        for name, module in self._modules.items():
+            weight = as_matrix(module, state[f"{name}.weight"])
             delta, rows = state[f"{name}.{DELTA}"], state[f"{name}.{ROWS}"].long()
             if self._mask:
-                delta = delta * base_zero_mask(self._weight(state, name), rows)
-            out[name] = (delta, rows)
+                delta = delta * base_zero_mask(weight, rows)
+            out[name] = (weight, delta, rows)
         return out
-
-    def _weight(self, state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-        return as_matrix(self._modules[name], state[f"{name}.weight"])
 
     def export_files(self, state: dict[str, torch.Tensor]) -> dict[str, bytes]:
         from safetensors.torch import save
 
         tensors = {}
-        for name, (delta, rows) in self._effective_deltas(state).items():
+        for name, (_, delta, rows) in self._effective_deltas(state).items():
             tensors[f"{name}.{DELTA}"] = delta.detach().cpu().contiguous()
             tensors[f"{name}.{ROWS}"] = rows.detach().cpu().contiguous()
         metadata = {"format": "row_sparse", "merge": "W[row_index] += row_delta"}
@@ -370,8 +351,8 @@ class RowSparseFinetuneModifier(TargetedModifier):
     def export_state(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         deltas = self._effective_deltas(state)
         state = dict(state)
-        for name, (delta, rows) in deltas.items():
-            merged = merge_row_delta(self._weight(state, name), delta, rows)
+        for name, (weight, delta, rows) in deltas.items():
+            merged = merge_row_delta(weight, delta, rows)
             state[f"{name}.weight"] = as_matrix(self._modules[name], merged).contiguous()
             del state[f"{name}.{DELTA}"], state[f"{name}.{ROWS}"]
         return state

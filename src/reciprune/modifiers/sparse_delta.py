@@ -24,7 +24,7 @@ from reciprune.core.targets import stores_transposed
 from reciprune.errors import ReciPruneError
 from reciprune.modifiers.constant import keeps_base_zeros
 from reciprune.modifiers.registry import register_modifier
-from reciprune.modifiers.targeted import TargetedModifier
+from reciprune.modifiers.targeted import DeltaModifier
 
 if TYPE_CHECKING:
     from reciprune.core.session import LifecycleSession
@@ -36,7 +36,7 @@ DELTAS_FILE = "sparse_deltas.safetensors"
 
 
 @register_modifier
-class SparseDeltaModifier(TargetedModifier):
+class SparseDeltaModifier(DeltaModifier):
     """Sparse fine-tuning (SpIEL-AG): train a fixed number of weight deltas whose positions are re-chosen during training by drop-and-grow.
 
     Each targeted Linear gets a flat `delta_indices` buffer η and a trainable `delta_values`
@@ -104,10 +104,6 @@ class SparseDeltaModifier(TargetedModifier):
         "ConstantPruningModifier.",
     )
 
-    run_types: ClassVar[tuple[str, ...]] = ("finetune",)
-    #: Adds per-layer trainable parameters (ISTModifier can schedule them).
-    adds_layer_parameters: ClassVar[bool] = True
-    freezes_base: ClassVar[bool] = True
     example_fields: ClassVar[dict[str, Any]] = {"density": 0.01}
     paper: ClassVar[str] = (
         "Ansell, Vulić, Sterz, Korhonen & Ponti, 'Scaling Sparse Fine-Tuning to Large Language "
@@ -147,10 +143,9 @@ class SparseDeltaModifier(TargetedModifier):
 
     # preparation -----------------------------------------------------------------------------
     def on_prepare(self, session: LifecycleSession) -> None:
-        model = session.model
-        TargetedModifier.on_initialize(self, session)  # resolve targets/ignore
+        super().on_prepare(session)
         targeted = self.targeted_modules()
-        total = sum(p.numel() for p in model.parameters())
+        total = sum(p.numel() for p in session.model.parameters())
         try:
             budget = split_budget(
                 [m.weight.numel() for m in targeted.values()],
@@ -163,8 +158,6 @@ class SparseDeltaModifier(TargetedModifier):
                 f"{self.type_name()}: {exc} (the model has {total} parameters). Lower density "
                 "or num_tunable_weights, or target more modules."
             ) from None
-        for param in model.parameters():
-            param.requires_grad_(False)
         generator = torch.Generator().manual_seed(self.seed)
         self._keep_zeros = keeps_base_zeros(self.mask_base_zeros, session)
         self._modules: dict[str, nn.Module] = {}
@@ -200,10 +193,6 @@ class SparseDeltaModifier(TargetedModifier):
         self._stats: dict[str, dict[str, torch.Tensor]] = {}
         self._collecting = False
         self._batch_step = -1
-
-    def on_initialize(self, session: LifecycleSession) -> None:
-        if not hasattr(self, "_modules"):
-            raise RuntimeError(f"{self.type_name()} adds parameters: call session.prepare() first")
 
     def _delta_hook(self, name: str) -> Any:
         transposed = stores_transposed(self._modules[name])  # GPT-2 stores W as [in, out]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import Field, field_validator
 from torch import nn
@@ -66,6 +66,25 @@ class TargetedModifier(Modifier):
         """Raise a RecipeError when the selected modules (full name → module) cannot take this
         modifier's settings, e.g. a shape they need; `reciprune recipe check` calls it on the
         model built from its config (meta tensors). Nothing to check by default."""
+
+
+class DeltaModifier(TargetedModifier):
+    """Base for modifiers that freeze every weight of the model and train deltas they add in
+    `on_prepare` to the targeted modules (`self._modules`), merged into the weights at export."""
+
+    run_types: ClassVar[tuple[str, ...]] = ("finetune",)
+    #: Adds per-layer trainable parameters (ISTModifier can schedule them).
+    adds_layer_parameters: ClassVar[bool] = True
+    freezes_base: ClassVar[bool] = True
+
+    def on_prepare(self, session: LifecycleSession) -> None:
+        # Targets are resolved here, before FSDP wraps the layers; only the deltas added next train.
+        super().on_initialize(session)
+        session.model.requires_grad_(False)
+
+    def on_initialize(self, session: LifecycleSession) -> None:
+        if not hasattr(self, "_modules"):
+            raise RuntimeError(f"{self.type_name()} adds parameters: call session.prepare() first")
 
 
 def select_in_layers(
