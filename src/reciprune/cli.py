@@ -276,20 +276,20 @@ def _training_config(stage, args: argparse.Namespace) -> TrainingConfig:
     )
 
 
-def _finetune_stage(recipe, stage_name: str | None):
-    stages = [s for s in recipe.stages if s.run_type == "finetune"]
-    if stage_name is None and len(recipe.stages) > 1:
+def _finetune_stage(recipe):
+    """The recipe's one stage (`_load_recipe` kept only the --stage given), a finetune stage."""
+    if len(recipe.stages) > 1:
         raise ReciPruneError(
             f"this recipe has {len(recipe.stages)} stages ({', '.join(recipe.stage_names)}); "
             "`reciprune finetune` runs one: pass --stage NAME, or run them all with "
             "`reciprune run`."
         )
-    if not stages:
+    if recipe.stages[0].run_type != "finetune":
         raise ReciPruneError(
             f"stage {recipe.stages[0].name!r} is a {recipe.stages[0].run_type} stage; "
             "`reciprune finetune` runs finetune stages (use `reciprune oneshot` for it)."
         )
-    return stages[0]
+    return recipe.stages[0]
 
 
 def _print_metrics(folder: Path, metrics: dict[str, Any], keys: Sequence[str] | None = None) -> None:
@@ -314,9 +314,9 @@ def _cmd_finetune(args: argparse.Namespace) -> int:
     from reciprune.pipelines.finetune import accumulation_steps, check_4bit_base
 
     recipe = _load_recipe(args)
-    stage = _finetune_stage(recipe, args.stage)
+    stage = _finetune_stage(recipe)
     training = _training_config(stage, args)
-    job = _job(FinetuneJob, args, recipe=recipe.select(stage.name), training=training)
+    job = _job(FinetuneJob, args, recipe=recipe, training=training)
     nproc = options_from(args, LaunchOptions).nproc_per_node
     if nproc is not None:
         from reciprune.pipelines.launch import run_under_torchrun

@@ -378,14 +378,21 @@ def load_model_skeleton(
     return model.eval(), tokenizer, source, reader
 
 
+def tied_head_names(model: PreTrainedModel) -> set[str]:
+    """Every name of the output head's weight when the config ties it to the input embeddings
+    (a checkpoint may leave it out); empty when nothing is tied."""
+    head = model.get_output_embeddings()
+    if head is None or not getattr(model.config, "tie_word_embeddings", False):
+        return set()
+    return {n for n, p in model.named_parameters(remove_duplicate=False) if p is head.weight}
+
+
 def _check_stored_names(model: PreTrainedModel, reader: Any, source: ModelSource) -> None:
     """Streaming reads tensors by the model's own names: the checkpoint must store exactly those
     (an output head tied to the embeddings may be absent)."""
     expected = set(model.state_dict())
     stored = set(reader.names)
-    head = model.get_output_embeddings()
-    tied = {n for n, p in model.named_parameters(remove_duplicate=False) if head is not None
-            and p is head.weight and n not in stored and getattr(model.config, "tie_word_embeddings", False)}  # fmt: skip
+    tied = tied_head_names(model) - stored
     if stored != expected - tied:
         odd = sorted(stored ^ (expected - tied))[:3]
         raise ModelLoadError(

@@ -133,10 +133,8 @@ def check_4bit_base(config: TrainingConfig, stage: Stage, world_size: int) -> No
             "with FSDP. Run the stage on one process (drop --nproc-per-node, or use "
             "--nproc-per-node 1); the 4-bit base is what makes a model fit on one device."
         )
-    if config.load_in_4bit:
-        return
     for modifier in stage.modifiers:
-        if modifier.needs_4bit_base:
+        if modifier.needs_4bit_base and not config.load_in_4bit:
             raise ReciPruneError(f"stage {stage.name!r}: {modifier.missing_4bit_base()}")
 
 
@@ -200,14 +198,7 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_training_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    session: LifecycleSession,
-    trainer_state: dict[str, Any],
-) -> None:
+def save_training_checkpoint(path: Path, trainer: Trainer, trainer_state: dict[str, Any]) -> None:
     """Model and optimizer (sharded, torch.distributed.checkpoint), then per process the
     scheduler, RNG and modifier state; COMPLETE is written last, once every process is done."""
     import torch.distributed.checkpoint as dcp
@@ -218,13 +209,13 @@ def save_training_checkpoint(
             shutil.rmtree(path)
         path.mkdir(parents=True)
     D.barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
+    model_state, optim_state = get_state_dict(trainer.model, trainer.optimizer)
     dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(path / "state"))
     torch.save(
         {
-            "scheduler": scheduler.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
             "rng": _rng_state(),
-            "modifiers": [m.state_dict() for m in session.modifiers],
+            "modifiers": [m.state_dict() for m in trainer.session.modifiers],
         },
         path / f"rank-{D.rank()}.pt",
     )
@@ -238,24 +229,19 @@ def save_training_checkpoint(
     D.barrier()
 
 
-def load_training_checkpoint(
-    path: Path,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    session: LifecycleSession,
-) -> dict[str, Any]:
-    """Restore what `save_training_checkpoint` wrote; returns the trainer state."""
+def load_training_checkpoint(path: Path, trainer: Trainer) -> dict[str, Any]:
+    """Restore into `trainer` what `save_training_checkpoint` wrote; returns the trainer state."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    trainer_state = json.loads((path / TRAINER_STATE).read_text(encoding="utf-8"))
+    trainer_state = read_trainer_state(path)
     if trainer_state["world_size"] != D.world_size():
         raise ReciPruneError(
             f"checkpoint {path} was written by {trainer_state['world_size']} processes, and this "
             f"run has {D.world_size()}. Resume with --nproc-per-node "
             f"{trainer_state['world_size']} (modifier state is saved per process)."
         )
+    model, optimizer = trainer.model, trainer.optimizer
     model_state, optim_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optim": optim_state}
     dcp.load(state, checkpoint_id=str(path / "state"))
@@ -263,11 +249,15 @@ def load_training_checkpoint(
         model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"]
     )
     local = torch.load(path / f"rank-{D.rank()}.pt", weights_only=True)
-    scheduler.load_state_dict(local["scheduler"])
-    for modifier, modifier_state in zip(session.modifiers, local["modifiers"], strict=True):
+    trainer.scheduler.load_state_dict(local["scheduler"])
+    for modifier, modifier_state in zip(trainer.session.modifiers, local["modifiers"], strict=True):
         modifier.load_state_dict(modifier_state)
     _set_rng_state(local["rng"])
     return trainer_state
+
+
+def read_trainer_state(checkpoint: Path) -> dict[str, Any]:
+    return json.loads((checkpoint / TRAINER_STATE).read_text(encoding="utf-8"))
 
 
 def warn_short_training(config: TrainingConfig, steps: int) -> None:
@@ -318,17 +308,12 @@ class FinetuneCallback:
         """After the last step and the final held-out loss."""
 
 
-_CALLBACKS: list[FinetuneCallback] = []
+CALLBACKS: list[FinetuneCallback] = []
 
 
 def add_callback(callback: FinetuneCallback) -> None:
     """Call `callback` in every finetune run of this process."""
-    _CALLBACKS.append(callback)
-
-
-def callbacks() -> list[FinetuneCallback]:
-    """The registered callbacks."""
-    return list(_CALLBACKS)
+    CALLBACKS.append(callback)
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -426,14 +411,14 @@ class Trainer:
                 result.evals.append({"step": done, "eval_loss": self.evaluate()})
             if save and done < self.total_steps:
                 self._save_checkpoint(result, done)
-            for callback in _CALLBACKS:
+            for callback in CALLBACKS:
                 callback.on_step_end(self, step)
         if self._bar is not None:
             self._bar.close()
         self.session.advance_to(self.total_steps)
         result.evals.append({"step": self.total_steps, "eval_loss": self.evaluate()})
         result.seconds = time.perf_counter() - started
-        for callback in _CALLBACKS:
+        for callback in CALLBACKS:
             callback.on_train_end(self, result)
         return result
 
@@ -441,9 +426,7 @@ class Trainer:
         result = TrainResult()
         start_step = 0
         if resume_from is not None:
-            state = load_training_checkpoint(
-                resume_from, self.model, self.optimizer, self.scheduler, self.session
-            )
+            state = load_training_checkpoint(resume_from, self)
             start_step = int(state["step"])
             result.history = list(state["history"])[:start_step]
             result.evals = list(state.get("evals", []))
@@ -457,17 +440,14 @@ class Trainer:
             # The held-out loss before any update: the curve's starting point.
             result.evals.append({"step": 0, "eval_loss": self.evaluate()})
         self.model.train()
-        for callback in _CALLBACKS:
+        for callback in CALLBACKS:
             callback.on_train_begin(self)
         return result, start_step
 
     def _save_checkpoint(self, result: TrainResult, done: int) -> None:
         save_training_checkpoint(
             self.checkpoint_dir / f"step-{done:07d}",
-            self.model,
-            self.optimizer,
-            self.scheduler,
-            self.session,
+            self,
             {
                 "step": done,
                 "world_size": D.world_size(),
@@ -505,7 +485,7 @@ class Trainer:
                 record["grad_norm"] = row[len(keys) + 1]
             result.history.append(record)
             result.tokens += int(record["tokens"])
-        for callback in _CALLBACKS:
+        for callback in CALLBACKS:
             callback.on_log(self, result.history[-len(rows):])
         if self._bar is not None:
             last = result.history[-1]

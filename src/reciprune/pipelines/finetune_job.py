@@ -8,7 +8,6 @@ every process runs it and rank 0 writes.
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -25,7 +24,7 @@ from reciprune.export import build_manifest, layer_sparsity_report, save_checkpo
 from reciprune.export.formats import CheckpointContents
 from reciprune.export.manifest import describe_sparsity, sparsity_metrics, warn_low_decoder_sparsity
 from reciprune.export.save import check_output_dir
-from reciprune.models import ModelSource, load_model, resolve_model
+from reciprune.models import ModelSource, load_model, resolve_model, tied_head_names
 from reciprune.pipelines import finetune as F
 from reciprune.pipelines.job_run import JobRun
 from reciprune.pipelines.jobs import FinetuneJob
@@ -64,7 +63,7 @@ def run_finetune_job(job: FinetuneJob) -> dict[str, Any]:
     train_data, eval_data, data = _load_data(run, tokenizer)
     plan = F.plan_batches(run.config, len(train_data), D.world_size())
     if run.resume_from is not None:  # what the interrupted run measured before training
-        run.metrics.update(_trainer_state(run.resume_from).get("metrics", {}))
+        run.metrics.update(F.read_trainer_state(run.resume_from).get("metrics", {}))
     if run.resume_from is None and D.is_main_process():
         run.measure_ppl(model, tokenizer, "ppl_before", "eval_before")
     D.barrier()
@@ -255,7 +254,7 @@ def _prepare(
     total = F.total_steps(run.config, plan)
     session = LifecycleSession(model, run.job.stage.modifiers, teacher=teacher, training=context,
                                run_type="finetune", total_steps=total)  # fmt: skip
-    for callback in F.callbacks():
+    for callback in F.CALLBACKS:
         callback.on_prepare()
     base_params = list(model.parameters())
     session.prepare()
@@ -307,10 +306,6 @@ def peak_memory_per_process(device: torch.device) -> dict[str, list[float]]:
     return {key: [round(v, 1) for v in column] for key, column in zip(peaks, columns, strict=True)}
 
 
-def _trainer_state(checkpoint: Path) -> dict[str, Any]:
-    return json.loads((checkpoint / F.TRAINER_STATE).read_text(encoding="utf-8"))
-
-
 # --- export ---------------------------------------------------------------------------------------
 def _gather_plain_model(
     model: nn.Module, session: LifecycleSession
@@ -349,25 +344,16 @@ def _plain_model(config: Any, state: dict[str, torch.Tensor]) -> nn.Module:
     dtype = next(iter(state.values())).dtype
     plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
     missing, unexpected = plain.load_state_dict(state, strict=False)
-    tied = {name for name in missing if _is_tied(plain, name)}
-    if unexpected or set(missing) - tied:
+    missing_untied = set(missing) - tied_head_names(plain)  # tie_weights below fills a tied head
+    if unexpected or missing_untied:
         raise ReciPruneError(
             "the trained model's weights do not fit its architecture after the modifiers' "
             f"export (unexpected: {sorted(unexpected)[:3]}, missing: "
-            f"{sorted(set(missing) - tied)[:3]}). This is a bug in a modifier's export_state; "
+            f"{sorted(missing_untied)[:3]}). This is a bug in a modifier's export_state; "
             "please report it with the recipe."
         )
     plain.tie_weights()
     return plain
-
-
-def _is_tied(model: nn.Module, name: str) -> bool:
-    """True for the output embedding's weight when the config ties it to the input embedding."""
-    head = model.get_output_embeddings()
-    tied = getattr(model.config, "tie_word_embeddings", False)
-    return bool(tied and head is not None and name.endswith("weight") and any(
-        p is head.weight for n, p in model.named_parameters(remove_duplicate=False) if n == name
-    ))
 
 
 def _save(run, model, tokenizer, data, result, extra_files, base_quantization) -> None:

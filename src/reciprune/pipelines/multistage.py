@@ -23,7 +23,6 @@ from reciprune.files import write_text_atomic
 from reciprune.models import DEFAULT_MODEL, resolve_model
 from reciprune.pipelines.finetune import checkpoint_root
 from reciprune.pipelines.jobs import FinetuneJob, OneshotJob, RunJob
-from reciprune.recipe import Recipe
 from reciprune.recipe.options import ModelOptions
 from reciprune.recipe.schema import Stage
 from reciprune.recipe.training import TrainingConfig
@@ -46,23 +45,21 @@ def _check_output(job: RunJob) -> None:
         )
 
 
-def resolve_teacher(
-    spec: str | None, recipe: Recipe, stage: Stage, output_dir: Path, model: str | None = None
-) -> str | None:
+def resolve_teacher(spec: str | None, job: RunJob, stage: Stage) -> str | None:
     """`stage:NAME` → that earlier stage's output folder; `base` → the model the run started
     from (`--model`); other values unchanged."""
     if spec == BASE_TEACHER:
-        return DEFAULT_MODEL if model is None else model
+        return DEFAULT_MODEL if job.model.model is None else job.model.model
     if spec is None or not spec.startswith("stage:"):
         return spec
     name = spec.removeprefix("stage:")
-    earlier = recipe.stage_names[: recipe.stage_names.index(stage.name)]
+    earlier = job.recipe.stage_names[: job.recipe.stage_names.index(stage.name)]
     if name not in earlier:
         raise ReciPruneError(
             f"stage {stage.name!r}: teacher {spec!r} must name an earlier stage of the recipe "
             f"({', '.join(earlier) or 'there is none'}); its output folder is the teacher."
         )
-    return str(output_dir / name)
+    return str(job.output.output_dir / name)
 
 
 def _training_for(job: RunJob, stage: Stage) -> TrainingConfig:
@@ -72,9 +69,7 @@ def _training_for(job: RunJob, stage: Stage) -> TrainingConfig:
             values[name] = getattr(job.calibration, name)
     if job.run.distill_teacher is not None:
         values["distill_teacher"] = job.run.distill_teacher
-    values["distill_teacher"] = resolve_teacher(
-        values.get("distill_teacher"), job.recipe, stage, job.output.output_dir, job.model.model
-    )
+    values["distill_teacher"] = resolve_teacher(values.get("distill_teacher"), job, stage)
     return TrainingConfig.model_validate(values)
 
 
